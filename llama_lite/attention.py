@@ -1,0 +1,61 @@
+"""Notebook 04: one attention module for multi-head, multi-query and grouped-query attention.
+
+n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA, anything between that divides n_heads is
+GQA: each key/value head is shared by n_heads // n_kv_heads query heads.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .kv_cache import KVCache
+from .positions import apply_rotary_emb
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, seq, n_kv_heads, head_dim) -> (bsz, seq, n_kv_heads * n_rep, head_dim), each kv
+    head repeated n_rep times in place, so query head h reads kv head h // n_rep."""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        if self.cache is not None:
+            keys, values = self.cache.update(start_pos, xk, xv)  # (bsz, start_pos + seqlen, kv, hd)
+        else:
+            keys, values = xk, xv
+
+        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len, n_heads, hd)
+        values = repeat_kv(values, self.n_rep)
+
+        # (bsz, seq, heads, hd) -> (bsz, heads, seq, hd)
+        xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        # softmax(q k^T / sqrt(hd) + mask) v; notebook 04 writes it out and checks it against this.
+        out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim))
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, heads * hd)
+        return self.wo(out)

@@ -1,0 +1,213 @@
+"""Notebook 06: turning next-token logits into text. Names and behaviour follow Meta's
+llama/generation.py: Llama.build, generate, text_completion, chat_completion, sample_top_p."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import find_tokenizer_model, load_checkpoint, open_gguf
+from .model import Transformer
+from .tokenizer import Message, Tokenizer
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability mass
+    reaches p, renormalize, draw one. probs (bsz, vocab) -> token ids (bsz, 1)."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p  # tokens whose preceding mass already reaches p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, set the rest to -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: Optional[int]) -> torch.Tensor:
+    """logits (bsz, vocab) -> next token ids (bsz,). temperature 0 is greedy."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_logits(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    return sample_top_p(probs, top_p).reshape(-1)
+
+
+def check_sampling(temperature: float, top_p: float, top_k: Optional[int], max_gen_len: Optional[int]) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
+    if max_gen_len is not None and max_gen_len < 1:
+        raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: Optional[int] = None, max_batch_size: int = 1,
+              device=None, dtype=None, seed: Optional[int] = None, progress: bool = False) -> "Llama":
+        """Load a checkpoint and its tokenizer. No arguments: the embedded SmolLM2-135M-Instruct
+        on the CPU. ckpt_dir: Meta's folder (params.json, consolidated.*.pth), Hugging Face's
+        folder (config.json, *.safetensors) or a .gguf file."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        if ckpt_dir is None and device is None:
+            device = "cpu"  # the embedded model is the CPU default, even where a GPU exists
+        start = time.perf_counter()
+        model, path = load_checkpoint(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                      max_batch_size=max_batch_size, progress=progress)
+        if tokenizer_path is not None and Path(tokenizer_path).suffix == ".gguf":
+            tokenizer = Tokenizer.from_gguf(tokenizer_path)
+        elif tokenizer_path is not None:
+            tokenizer = Tokenizer.from_sentencepiece(tokenizer_path)
+        elif path.suffix == ".gguf":
+            tokenizer = Tokenizer.from_gguf(open_gguf(path))
+        else:
+            tokenizer = Tokenizer.from_sentencepiece(find_tokenizer_model(path))
+        if tokenizer.n_words != model.params.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "
+                f"{model.params.vocab_size}: they come from different models"
+            )
+        llama = Llama(model, tokenizer)
+        llama.load_seconds = time.perf_counter() - start
+        return llama
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> Tuple[int, int, int]:
+        params = self.model.params
+        if not prompt_tokens or any(len(t) == 0 for t in prompt_tokens):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        min_len = min(len(t) for t in prompt_tokens)
+        max_len = max(len(t) for t in prompt_tokens)
+        if max_len >= params.max_seq_len:
+            raise ValueError(
+                f"the prompt is {max_len} tokens but the model's context (max_seq_len) is {params.max_seq_len}, "
+                "leaving no room to generate; shorten the prompt"
+            )
+        # As Meta's reference: generation stops at the context's end.
+        total_len = min(params.max_seq_len, max_gen_len + max_len)
+        return min_len, max_len, total_len
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, top_k: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                 use_cache: bool = True) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt until EOS or max_gen_len new tokens. Returns the new tokens
+        (with the prompt if echo) and, if logprobs, each token's log-probability."""
+        check_sampling(temperature, top_p, top_k, max_gen_len)
+        bsz = len(prompt_tokens)
+        min_prompt_len, _, total_len = self._prepare(prompt_tokens, max_gen_len)
+        device = self.device
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else 0,
+                            dtype=torch.long, device=device)
+        input_text_mask = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+            input_text_mask[k, : len(t)] = True
+        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
+        stop = torch.tensor(self.tokenizer.stop_ids, device=device)
+
+        if use_cache:
+            self.model.setup_cache(bsz, total_len)
+        else:
+            self.model.clear_cache()
+        try:
+            prev_pos = 0
+            eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+            for cur_pos in range(min_prompt_len, total_len):
+                if use_cache:  # only the tokens the cache has not seen
+                    logits = self.model(tokens[:, prev_pos:cur_pos], prev_pos)
+                else:  # recompute the whole sequence every step
+                    logits = self.model(tokens[:, :cur_pos], 0)
+                if logprobs:
+                    # log p of every token the forward just scored (the prompt's, then each new one)
+                    lp = -F.cross_entropy(logits.transpose(1, 2), tokens[:, cur_pos - logits.shape[1] + 1: cur_pos + 1],
+                                          reduction="none")
+                    token_logprobs[:, cur_pos - logits.shape[1] + 1: cur_pos + 1] = lp
+                next_token = sample_next(logits[:, -1], temperature, top_p, top_k)
+                # Rows whose prompt is longer than cur_pos keep their own prompt token.
+                next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                if logprobs:
+                    token_logprobs[:, cur_pos] = torch.log_softmax(logits[:, -1], -1).gather(
+                        -1, next_token[:, None]).squeeze(-1)
+                eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, stop)
+                prev_pos = cur_pos
+                if bool(eos_reached.all()):
+                    break
+        finally:
+            self.model.clear_cache()  # the cache is per call; free it
+
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            start = 0 if echo else len(prompt_tokens[i])
+            end = min(len(prompt_tokens[i]) + max_gen_len, prev_pos + 1)
+            toks = toks[start:end]
+            probs = token_logprobs[i][start:end].tolist() if logprobs else None
+            for j, t in enumerate(toks):
+                if (echo and j < len(prompt_tokens[i])) or t not in self.tokenizer.stop_ids:
+                    continue
+                toks = toks[:j]  # cut at the first stop token after the prompt
+                probs = probs[:j] if probs is not None else None
+                break
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        top_k: Optional[int] = None, max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        echo: bool = False) -> List[dict]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts is a list of strings; wrap a single prompt in a list")
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt: give some text to continue")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        out = []
+        for i, t in enumerate(tokens):
+            item = {"generation": self.tokenizer.decode(t)}
+            if logprobs:
+                item.update(tokens=[self.tokenizer.decode([x]) for x in t], logprobs=lps[i])
+            out.append(item)
+        return out
+
+    def chat_completion(self, dialogs: List[List[Message]], temperature: float = 0.6, top_p: float = 0.9,
+                        top_k: Optional[int] = None, max_gen_len: Optional[int] = None,
+                        logprobs: bool = False) -> List[dict]:
+        if dialogs and isinstance(dialogs[0], dict):
+            raise TypeError("dialogs is a list of dialogs (each a list of messages); wrap a single dialog in a list")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode_dialog(d) for d in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs)
+        out = []
+        for i, t in enumerate(tokens):
+            item = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t).strip()}}
+            if logprobs:
+                item.update(tokens=[self.tokenizer.decode([x]) for x in t], logprobs=lps[i])
+            out.append(item)
+        return out
+
+

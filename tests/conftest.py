@@ -1,0 +1,44 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer.model"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from llama_lite.checkpoint import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def llama(smollm2_path):
+    """The embedded SmolLM2-135M-Instruct, loaded once by llama_lite."""
+    from llama_lite import Llama
+
+    return Llama.build()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path, tmp_path_factory):
+    """The reference: transformers loading the same GGUF file (it dequantizes and un-permutes
+    q/k itself, with its own code)."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("smollm2")
+    (folder / smollm2_path.name).symlink_to(smollm2_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=smollm2_path.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=smollm2_path.name)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path():
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.skip(f"{LLAMA2_TOKENIZER} is absent (it sits beside the checkout in CI)")
+    return LLAMA2_TOKENIZER
