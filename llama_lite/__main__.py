@@ -1,0 +1,78 @@
+"""Command line: python -m llama_lite generate "..." | chat "...".
+
+With no --checkpoint it runs the embedded SmolLM2-135M-Instruct on the CPU, offline.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llama_lite", description=__doc__.strip().splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in (("generate", "continue a text"), ("chat", "answer a message through the chat format")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("prompt", help="the text to continue" if name == "generate" else "the user's message")
+        s.add_argument("--checkpoint", default=None,
+                       help="Meta folder (params.json + consolidated.*.pth), Hugging Face folder (config.json + "
+                            "*.safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+        s.add_argument("--tokenizer", default=None, help="tokenizer.model path, if not beside the checkpoint")
+        s.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 256)
+        s.add_argument("--temperature", type=float, default=0.0,
+                       help="0 is greedy (the default, reproducible); Meta's examples use 0.6")
+        s.add_argument("--top-p", type=float, default=0.9)
+        s.add_argument("--top-k", type=int, default=None)
+        s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy if 1)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default=None, help="cpu or cuda; default: cuda for a checkpoint if present")
+        s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: by device")
+        s.add_argument("--max-seq-len", type=int, default=None)
+        s.add_argument("--stats", action="store_true", help="print load time and tokens/s to stderr")
+        if name == "chat":
+            s.add_argument("--system", default=None, help="a system prompt")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .generation import Llama
+
+    try:
+        llama = Llama.build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
+                            dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None)
+        tok = llama.tokenizer
+        if args.command == "generate":
+            if not args.prompt:
+                raise ValueError("empty prompt: give some text to continue")
+            prompt = tok.encode(args.prompt, bos=tok.add_bos, eos=False)
+        else:
+            dialog = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            prompt = tok.encode_dialog(dialog)
+        start = time.perf_counter()
+        if args.num_beams > 1:
+            if not hasattr(llama, "beam_search"):
+                raise ValueError("beam search is not available in this version")
+            out, _score = llama.beam_search(prompt, args.num_beams, args.max_new_tokens)
+        else:
+            torch.manual_seed(args.seed)
+            (out,), _ = llama.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        elapsed = time.perf_counter() - start
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = tok.decode(out)
+    print(text if args.command == "generate" else text.strip())
+    if args.stats:
+        print(f"[load {llama.load_seconds:.2f} s, {len(prompt)} prompt tokens, {len(out)} new tokens in "
+              f"{elapsed:.2f} s: {len(out) / elapsed:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
