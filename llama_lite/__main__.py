@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default=None, help="cpu or cuda; default: cuda for a checkpoint if present")
         s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: by device")
         s.add_argument("--max-seq-len", type=int, default=None)
+        s.add_argument("--quantize", choices=["int8"], default=None,
+                       help="int8 weights (half of bf16's memory: a 7B on a 16 GB GPU)")
         s.add_argument("--stats", action="store_true", help="print load time and tokens/s to stderr")
         if name == "chat":
             s.add_argument("--system", default=None, help="a system prompt")
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
 
     try:
         llama = Llama.build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
-                            dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None)
+                            dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None,
+                            quantize=args.quantize)
         tok = llama.tokenizer
         if args.command == "generate":
             if not args.prompt:
@@ -55,9 +58,7 @@ def main(argv=None) -> int:
                 {"role": "user", "content": args.prompt}]
             prompt = tok.encode_dialog(dialog)
         start = time.perf_counter()
-        if args.num_beams > 1:
-            if not hasattr(llama, "beam_search"):
-                raise ValueError("beam search is not available in this version")
+        if args.num_beams != 1:  # beam_search checks num_beams (and says so if it is < 1)
             out, _score = llama.beam_search(prompt, args.num_beams, args.max_new_tokens)
         else:
             torch.manual_seed(args.seed)

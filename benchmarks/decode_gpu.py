@@ -1,0 +1,215 @@
+"""GPU decode benchmark (issue 12): a Llama-2-7B-shaped model with random bf16 weights.
+
+Prefill a prompt (2,048 tokens by default), then greedy-decode, with
+  - llama_lite eager (Transformer.forward with its KV cache),
+  - llama_lite's fast path (llama_lite.fast: static cache, attention over the filled length,
+    torch.compile(mode="reduce-overhead") of the decode step),
+  - transformers' LlamaForCausalLM eager on the same weights (its own generate loop),
+interleaved in one run. Prints decode tok/s, the ratio to transformers, the fraction of the
+bandwidth roofline (weight bytes per token / measured copy bandwidth), prefill MFU and peak
+memory.
+
+    python benchmarks/decode_gpu.py                          # on a GPU
+    python benchmarks/decode_gpu.py --tiny --device cpu      # a small config, runs anywhere (tests)
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, mb=1024) -> float:
+    """Bytes per second of cloning a large tensor (size counted once)."""
+    x = torch.ones(mb * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    x.clone()
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        x.clone()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 2 / best
+
+
+def peak_tflops(device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+
+
+def build(args, device, dtype):
+    from llama_lite import ModelArgs
+    from llama_lite.model import Transformer
+
+    if args.tiny:
+        margs = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                          max_seq_len=args.prefill + args.tokens + 8)
+    else:
+        margs = ModelArgs.from_name("llama2-7b").replace(max_seq_len=args.prefill + args.tokens + 8)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(margs)
+    for p in model.parameters():  # small random weights keep bf16 activations finite
+        torch.nn.init.normal_(p, std=0.02)
+    model.freqs_cis = model.freqs_cis.to(device)
+    return model.to(dtype).eval()
+
+
+@torch.inference_mode()
+def eager_decode(model, prompt, n):
+    model.setup_cache(1, prompt.shape[1] + n)
+    logits = model(prompt, 0)[:, -1]
+    out = []
+    for pos in range(prompt.shape[1], prompt.shape[1] + n):
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+        logits = model(tok, pos)[:, -1]
+    model.clear_cache()
+    return torch.cat(out, 1)[0].tolist()
+
+
+@torch.inference_mode()
+def fast_decode(decoder, prompt, n):
+    logits = decoder.prefill(prompt)
+    out = []
+    for pos in range(prompt.shape[1], prompt.shape[1] + n):
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+        logits = decoder.decode(tok, pos)
+    return torch.cat(out, 1)[0].tolist()
+
+
+@torch.inference_mode()
+def hf_decode(hf, prompt, n):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits = hf(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+    out = []
+    for _ in range(n):
+        tok = logits.argmax(-1, keepdim=True)
+        out.append(tok)
+        logits = hf(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat(out, 1)[0].tolist()
+
+
+def to_hf(model):
+    """transformers' LlamaForCausalLM with the same weights (W_q, W_k rows to rotate-half)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_lite.positions import permute_interleaved_to_rotate_half
+
+    a = model.params
+    cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
+                      num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
+                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
+                      tie_word_embeddings=a.tie_embeddings, attn_implementation="sdpa")
+    w = model.tok_embeddings.weight
+    with torch.device(w.device):
+        hf = LlamaForCausalLM(cfg).to(w.dtype).eval()
+    sd = {"model.embed_tokens.weight": w, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        at, f, p = layer.attention, layer.feed_forward, f"model.layers.{i}."
+        sd.update({
+            p + "self_attn.q_proj.weight": permute_interleaved_to_rotate_half(at.wq.weight, a.n_heads),
+            p + "self_attn.k_proj.weight": permute_interleaved_to_rotate_half(at.wk.weight, a.n_kv_heads),
+            p + "self_attn.v_proj.weight": at.wv.weight, p + "self_attn.o_proj.weight": at.wo.weight,
+            p + "mlp.gate_proj.weight": f.w1.weight, p + "mlp.up_proj.weight": f.w3.weight,
+            p + "mlp.down_proj.weight": f.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
+            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
+        })
+    hf.load_state_dict(sd, strict=True, assign=True)  # shares the tensors: no second copy
+    return hf
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer config (CPU tests)")
+    ap.add_argument("--prefill", type=int, default=None, help="prompt tokens (2048; --tiny: 32)")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens (256; --tiny: 16)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args(argv)
+    args.prefill = args.prefill or (32 if args.tiny else 2048)
+    args.tokens = args.tokens or (16 if args.tiny else 256)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compile_ = not args.no_compile and device.type == "cuda"
+
+    from llama_lite.fast import FastDecoder
+
+    model = build(args, device, dtype)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.params.vocab_size, (1, args.prefill), device=device)
+    decoder = FastDecoder(model, 1, args.prefill + args.tokens, compile=compile_)
+    runs = {"llama_lite eager": lambda: eager_decode(model, prompt, args.tokens),
+            "llama_lite fast" + (" (compiled)" if compile_ else ""): lambda: fast_decode(decoder, prompt, args.tokens)}
+    if not args.no_hf:
+        hf = to_hf(model)
+        runs["transformers eager"] = lambda: hf_decode(hf, prompt, args.tokens)
+
+    t = time.perf_counter()
+    outs = {k: f() for k, f in runs.items()}  # warm-up (and compilation)
+    warm_s = time.perf_counter() - t
+    times = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for k, f in runs.items():
+            sync(device)
+            t = time.perf_counter()
+            outs[k] = f()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+
+    # Prefill alone (the fast path's eager prefill), for MFU.
+    prefill_s = []
+    for _ in range(args.repeats):
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            decoder.prefill(prompt)
+        sync(device)
+        prefill_s.append(time.perf_counter() - t)
+    prefill_s = statistics.median(prefill_s)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(device)
+    roofline = bw / weight_bytes
+    # Decode tok/s excludes the prefill: subtract its time from each run.
+    tps = {k: args.tokens / max(statistics.median(v) - prefill_s, 1e-9) for k, v in times.items()}
+    ref = tps.get("transformers eager")
+    flops = 2 * n_params * args.prefill + 4 * model.params.n_layers * model.params.dim * args.prefill ** 2 / 2
+    print(f"{'tiny' if args.tiny else 'Llama-2-7B-shaped'} random weights, {dtype}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f"; prefill {args.prefill}, decode {args.tokens} tokens, median of {args.repeats}")
+    print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e9:.0f} GB/s -> roofline {roofline:.1f} tok/s; "
+          f"warm-up incl. compile {warm_s:.1f} s")
+    print(f"{'method':28s} {'decode tok/s':>12s} {'x transformers':>15s} {'of roofline':>12s}")
+    for k, v in tps.items():
+        print(f"{k:28s} {v:12.2f} {v / ref if ref else float('nan'):15.2f} {v / roofline:12.0%}")
+    print(f"prefill {args.prefill} tokens: {prefill_s * 1e3:.1f} ms, {flops / prefill_s / 1e12:.1f} TFLOP/s, "
+          f"MFU {flops / prefill_s / 1e12 / peak_tflops(device):.0%}")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    names = list(outs)
+    same = all(outs[k] == outs[names[0]] for k in names[1:2])
+    print(f"greedy tokens: fast == eager: {same}"
+          + (f"; transformers == eager: {outs.get('transformers eager') == outs[names[0]]}" if ref else ""))
+    return tps, outs
+
+
+if __name__ == "__main__":
+    main()

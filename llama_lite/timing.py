@@ -1,0 +1,54 @@
+"""Measuring, not guessing: prefill/decode latency and the machine's memory bandwidth.
+
+Decoding one token reads every weight once, so the memory bandwidth divided by the bytes of
+weights (plus the KV cache read) bounds tokens/s from above: the roofline of notebooks 03 and 07.
+"""
+import time
+from typing import Tuple
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, device="cpu", repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read nbytes + write nbytes), best of repeats: what
+    streaming the weights through the processor can reach at most."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+@torch.inference_mode()
+def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 0) -> Tuple[float, float]:
+    """Seconds to first token (prefill of prompt_len random tokens + picking one) and mean
+    seconds per later token (inter-token latency, greedy with the KV cache), batch 1."""
+    device = model.tok_embeddings.weight.device
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.params.vocab_size, (1, prompt_len), generator=g).to(device)
+    model.setup_cache(1, prompt_len + n_decode + 1)
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        token = model(prompt, 0)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        _sync(device)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for pos in range(prompt_len, prompt_len + n_decode):
+            token = model(token, pos)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        itl = (time.perf_counter() - t0) / n_decode
+    finally:
+        model.clear_cache()
+    return ttft, itl

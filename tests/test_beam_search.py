@@ -1,0 +1,114 @@
+"""Beam search (notebook 06): llama_lite's batched beam search against transformers' generate."""
+import pytest
+import torch
+
+from test_cli import run
+
+EOS = 2  # SmolLM2's <|im_end|>, transformers' generation_config.eos_token_id for this GGUF
+
+# (prompt, max_new_tokens): plain text continuations run to the length limit; chat-template
+# prompts with enough room end with EOS (the test asserts which happened).
+TEXT = ["The capital of France is", "Once upon a time, in a small village,"]
+CHAT = ["What is the capital of France?", "Say hello."]
+
+
+def prompts(tok):
+    return ([(tok.encode(p, bos=False, eos=False), 12) for p in TEXT]
+            + [(tok.encode_dialog([{"role": "user", "content": c}]), 40) for c in CHAT])
+
+
+def reference(hf, ids, n, k, **kw):
+    out = hf.generate(torch.tensor([ids]), num_beams=k, do_sample=False, max_new_tokens=n,
+                      output_scores=True, return_dict_in_generate=True, **kw)
+    ref = out.sequences[0, len(ids):].tolist()
+    return ref, out.sequences_scores[0].item() if k > 1 else None
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_beam_search_equals_transformers(llama, hf_smollm2, k):
+    hf, _ = hf_smollm2
+    reached = []
+    for ids, n in prompts(llama.tokenizer):
+        ours, score = llama.beam_search(ids, k, n)
+        ref, ref_score = reference(hf, ids, n, k)
+        ended = EOS in ref
+        reached.append(ended)
+        if ended:  # transformers keeps the EOS token; llama_lite cuts it, as generate does
+            assert ref[-1] == EOS and ref.count(EOS) == 1
+            ref = ref[:-1]
+        assert ours == ref, (k, llama.tokenizer.decode(ids))
+        assert score == pytest.approx(ref_score, abs=1e-4)
+    # both kinds of ending were exercised: at the length limit and at EOS
+    assert reached == [False, False, True, True]
+
+
+@pytest.mark.parametrize("length_penalty,early_stopping", [(0.0, True), (2.0, "never"), (-1.0, False)])
+def test_length_penalty_and_early_stopping_equal_transformers(llama, hf_smollm2, length_penalty, early_stopping):
+    hf, _ = hf_smollm2
+    ids, n = prompts(llama.tokenizer)[2]
+    ours, score = llama.beam_search(ids, 4, n, length_penalty=length_penalty, early_stopping=early_stopping)
+    ref, ref_score = reference(hf, ids, n, 4, length_penalty=length_penalty, early_stopping=early_stopping)
+    assert ref[-1] == EOS
+    assert ours == ref[:-1] and score == pytest.approx(ref_score, abs=1e-4)
+
+
+def test_score_is_mean_log_probability_of_the_tokens(llama):
+    ids, n = prompts(llama.tokenizer)[3]
+    ours, score = llama.beam_search(ids, 4, n)  # length_penalty=1: the mean over tokens, EOS included
+    full = torch.tensor([ids + ours + [EOS]])
+    with torch.no_grad():
+        lp = torch.log_softmax(llama.model(full)[0, len(ids) - 1: -1], -1)
+    token_lp = lp.gather(-1, full[0, len(ids):, None])
+    assert score == pytest.approx(token_lp.mean().item(), abs=1e-4)
+
+
+def test_one_beam_is_greedy(llama, hf_smollm2):
+    hf, _ = hf_smollm2
+    for ids, n in prompts(llama.tokenizer)[::3]:  # one at the length limit, one that ends with EOS
+        ours, _ = llama.beam_search(ids, 1, n)
+        (greedy,), _ = llama.generate([ids], n, temperature=0)
+        ref, _ = reference(hf, ids, n, 1)
+        assert ours == greedy == [t for t in ref if t != EOS]
+
+
+def test_kv_cache_is_batched_over_beams_and_freed(llama, monkeypatch):
+    from llama_lite.kv_cache import KVCache
+
+    calls = []
+    reorder = KVCache.reorder
+    monkeypatch.setattr(KVCache, "reorder", lambda self, index: calls.append(index.shape) or reorder(self, index))
+    shapes = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda t, s=0: shapes.append(tuple(t.shape)) or forward(t, s))
+    ids = llama.tokenizer.encode(TEXT[0], bos=False, eos=False)
+    out, _ = llama.beam_search(ids, 4, 6)
+    assert len(out) == 6
+    assert shapes == [(1, len(ids))] + [(4, 1)] * 5  # prompt prefilled once, then one row per beam
+    assert calls and all(s == (4,) for s in calls)
+    assert llama.model.caches == []
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_beams=0), "num_beams must be an integer >= 1"),
+    (dict(num_beams=2.5), "num_beams must be an integer >= 1"),
+    (dict(num_beams=100_000), "num_beams=100000 is larger than the vocabulary"),
+    (dict(max_gen_len=0), "max_gen_len must be an integer >= 1"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
+    (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
+    (dict(prompt_tokens=[]), "empty prompt"),
+    (dict(prompt_tokens=[[1, 2], [3]]), "beam_search takes one prompt"),
+])
+def test_bad_arguments_raise_clear_errors(llama, kwargs, message):
+    args = dict(prompt_tokens=[1, 2, 3], num_beams=2, max_gen_len=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        llama.beam_search(**args)
+
+
+def test_cli_num_beams(llama):
+    r = run("generate", TEXT[0], "--max-new-tokens", "12", "--num-beams", "4")
+    assert r.returncode == 0, r.stderr
+    ids = llama.tokenizer.encode(TEXT[0], bos=False, eos=False)
+    expected, _ = llama.beam_search(ids, 4, 12)
+    assert r.stdout == llama.tokenizer.decode(expected) + "\n"
+    r = run("generate", TEXT[0], "--num-beams", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: num_beams must be an integer >= 1")
