@@ -48,8 +48,9 @@ def test_length_penalty_and_early_stopping_equal_transformers(llama, hf_smollm2,
     ids, n = prompts(llama.tokenizer)[2]
     ours, score = llama.beam_search(ids, 4, n, length_penalty=length_penalty, early_stopping=early_stopping)
     ref, ref_score = reference(hf, ids, n, 4, length_penalty=length_penalty, early_stopping=early_stopping)
-    assert ref[-1] == EOS
-    assert ours == ref[:-1] and score == pytest.approx(ref_score, abs=1e-4)
+    # a large length_penalty favours long hypotheses: the winner may stop at the length limit
+    # instead of at EOS, which generate keeps in its output and beam_search cuts, as generate() does
+    assert ours == (ref[:-1] if ref[-1] == EOS else ref) and score == pytest.approx(ref_score, abs=1e-4)
 
 
 def test_score_is_mean_log_probability_of_the_tokens(llama):
