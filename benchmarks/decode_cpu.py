@@ -20,19 +20,9 @@ from pathlib import Path
 
 import torch
 
+from llama_lite.timing import copy_bandwidth
+
 PROMPT = "The history of the printing press"
-
-
-def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes per second of cloning a large tensor (size counted once, the issue's convention)."""
-    x = torch.ones(mb * 2**20 // 4)
-    x.clone()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.clone()
-        times.append(time.perf_counter() - t)
-    return x.numel() * 4 / min(times)
 
 
 def load_seconds(repeats: int) -> dict:
@@ -79,7 +69,7 @@ def main(argv=None):
     from llama_lite.quantize import model_bytes
 
     loads = load_seconds(1 if args.quick else 3)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(1 << 28)  # bytes read + written per second of a 256 MiB copy_ into a preallocated tensor
     fp32 = Llama.build()
     tok = fp32.tokenizer
     prompt = tok.encode(PROMPT, bos=tok.add_bos, eos=False)

@@ -27,17 +27,10 @@ def sync(device):
 
 
 def copy_bandwidth(device, mb=1024) -> float:
-    """Bytes per second of cloning a large tensor (size counted once)."""
-    x = torch.ones(mb * 2**20 // 2, dtype=torch.bfloat16, device=device)
-    x.clone()
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        x.clone()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 2 / best
+    """Bytes read + written per second by a large copy: what streaming weights can reach."""
+    from llama_lite.timing import copy_bandwidth as measure
+
+    return measure(mb * 2**20, device)
 
 
 def peak_tflops(device) -> float:
