@@ -18,19 +18,9 @@ import time
 
 import torch
 
+from llama_lite.timing import copy_bandwidth, sync
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}  # dense
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device, mb=1024) -> float:
-    """Bytes read + written per second by a large copy: what streaming weights can reach."""
-    from llama_lite.timing import copy_bandwidth as measure
-
-    return measure(mb * 2**20, device)
 
 
 def peak_tflops(device) -> float:
@@ -100,7 +90,7 @@ def to_hf(model):
     """transformers' LlamaForCausalLM with the same weights (W_q, W_k rows to rotate-half)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_lite.positions import permute_interleaved_to_rotate_half
+    from llama_lite.checkpoint import hf_state_dict
 
     a = model.params
     cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
@@ -110,18 +100,9 @@ def to_hf(model):
     w = model.tok_embeddings.weight
     with torch.device(w.device):
         hf = LlamaForCausalLM(cfg).to(w.dtype).eval()
-    sd = {"model.embed_tokens.weight": w, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.output.weight}
-    for i, layer in enumerate(model.layers):
-        at, f, p = layer.attention, layer.feed_forward, f"model.layers.{i}."
-        sd.update({
-            p + "self_attn.q_proj.weight": permute_interleaved_to_rotate_half(at.wq.weight, a.n_heads),
-            p + "self_attn.k_proj.weight": permute_interleaved_to_rotate_half(at.wk.weight, a.n_kv_heads),
-            p + "self_attn.v_proj.weight": at.wv.weight, p + "self_attn.o_proj.weight": at.wo.weight,
-            p + "mlp.gate_proj.weight": f.w1.weight, p + "mlp.up_proj.weight": f.w3.weight,
-            p + "mlp.down_proj.weight": f.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
-            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
+    sd = hf_state_dict(model)
+    if a.tie_embeddings:
+        sd["lm_head.weight"] = w
     hf.load_state_dict(sd, strict=True, assign=True)  # shares the tensors: no second copy
     return hf
 
@@ -179,7 +160,7 @@ def main(argv=None):
 
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth(1 << 30, device)  # bytes read + written per second by a 1 GiB copy
     roofline = bw / weight_bytes
     # Decode tok/s excludes the prefill: subtract its time from each run.
     tps = {k: args.tokens / max(statistics.median(v) - prefill_s, 1e-9) for k, v in times.items()}

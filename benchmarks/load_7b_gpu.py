@@ -24,14 +24,10 @@ from load_memory import random_state_dict, write_hf, write_meta  # noqa: E402
 
 from llama_lite import Llama, ModelArgs, count_parameters, kv_cache_bytes  # noqa: E402
 from llama_lite.checkpoint import load_checkpoint  # noqa: E402
+from llama_lite.timing import sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer.model"
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def gpu_peak_reset(device):

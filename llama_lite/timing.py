@@ -9,7 +9,9 @@ from typing import Tuple
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device) -> None:
+    """Wait for the device: GPU work is asynchronous, and a timer must not stop before it ends."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -22,12 +24,28 @@ def copy_bandwidth(nbytes: int = 1 << 28, device="cpu", repeats: int = 5) -> flo
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best
+
+
+def read_bandwidth(nbytes: int = 1 << 28, device="cpu", repeats: int = 5) -> float:
+    """Bytes/s of summing a large tensor, best of repeats. Decoding reads weights and writes
+    almost nothing, so this is the tighter bound; a copy also pays for its writes (and, on
+    most CPUs, for reading each destination line before writing it)."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        src.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 @torch.inference_mode()
@@ -39,15 +57,15 @@ def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 
     prompt = torch.randint(0, model.params.vocab_size, (1, prompt_len), generator=g).to(device)
     model.setup_cache(1, prompt_len + n_decode + 1)
     try:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         token = model(prompt, 0)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        _sync(device)
+        sync(device)
         ttft = time.perf_counter() - t0
         t0 = time.perf_counter()
         for pos in range(prompt_len, prompt_len + n_decode):
             token = model(token, pos)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         itl = (time.perf_counter() - t0) / n_decode
     finally:
         model.clear_cache()

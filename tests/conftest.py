@@ -57,28 +57,13 @@ def hf_config(args, **kw):
 
 
 def to_hf(model):
-    """A transformers LlamaForCausalLM holding the same weights as a llama_lite Transformer.
-    W_q/W_k rows go to HF's rotate-half order, as transformers' own converter does."""
+    """A transformers LlamaForCausalLM holding the same weights as a llama_lite Transformer."""
     from transformers import LlamaForCausalLM
 
-    from llama_lite.positions import permute_interleaved_to_rotate_half
+    from llama_lite.checkpoint import hf_state_dict
 
-    args = model.params
-    hf = LlamaForCausalLM(hf_config(args)).eval()
-    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
-    if not args.tie_embeddings:
-        sd["lm_head.weight"] = model.output.weight
-    for i, layer in enumerate(model.layers):
-        a, f, p = layer.attention, layer.feed_forward, f"model.layers.{i}."
-        sd.update({
-            p + "self_attn.q_proj.weight": permute_interleaved_to_rotate_half(a.wq.weight, args.n_heads),
-            p + "self_attn.k_proj.weight": permute_interleaved_to_rotate_half(a.wk.weight, args.n_kv_heads),
-            p + "self_attn.v_proj.weight": a.wv.weight, p + "self_attn.o_proj.weight": a.wo.weight,
-            p + "mlp.gate_proj.weight": f.w1.weight, p + "mlp.up_proj.weight": f.w3.weight,
-            p + "mlp.down_proj.weight": f.w2.weight,
-            p + "input_layernorm.weight": layer.attention_norm.weight,
-            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    hf = LlamaForCausalLM(hf_config(model.params)).eval()
+    sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     return hf

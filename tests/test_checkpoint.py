@@ -167,6 +167,19 @@ def test_meta_and_hf_load_the_same_weights(checkpoints):
         assert torch.equal(sa[k], sb[k]), k
 
 
+def test_hf_state_dict_equals_transformers_converter(checkpoints):
+    """hf_state_dict (used to build every transformers reference in tests and benchmarks) gives
+    exactly the tensors that transformers' own converter permutation put in the HF folder."""
+    from llama_lite.checkpoint import hf_state_dict
+
+    model, _ = load_checkpoint(checkpoints["meta"], device="cpu", dtype=torch.float32)
+    ours = hf_state_dict(model)
+    ref = checkpoints["reference"].state_dict()
+    assert set(ours) == set(ref)
+    for k, v in ours.items():
+        assert torch.equal(v, ref[k]), k
+
+
 def test_dtype_and_the_model_owns_its_memory(checkpoints):
     model, _ = load_checkpoint(checkpoints["meta"], device="cpu", dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
