@@ -49,41 +49,32 @@ def build(args, device, dtype):
 
 
 @torch.inference_mode()
+def greedy(first, step, n):
+    """n greedy tokens: first() gives the prompt's last logits (1, vocab), step(token, i) those
+    after the i-th new token. The last token is not fed back, as in llama_lite.fast.greedy_generate."""
+    logits, out = first(), []
+    for i in range(n):
+        tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+        out.append(tok)
+        if i + 1 < n:
+            logits = step(tok, i)
+    return torch.cat(out, 1)[0].tolist()
+
+
 def eager_decode(model, prompt, n):
     model.setup_cache(1, prompt.shape[1] + n)
-    logits = model(prompt, 0)[:, -1]
-    out = []
-    for pos in range(prompt.shape[1], prompt.shape[1] + n):
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(tok)
-        logits = model(tok, pos)[:, -1]
-    model.clear_cache()
-    return torch.cat(out, 1)[0].tolist()
+    try:
+        return greedy(lambda: model(prompt, 0)[:, -1], lambda tok, i: model(tok, prompt.shape[1] + i)[:, -1], n)
+    finally:
+        model.clear_cache()
 
 
-@torch.inference_mode()
-def fast_decode(decoder, prompt, n):
-    logits = decoder.prefill(prompt)
-    out = []
-    for pos in range(prompt.shape[1], prompt.shape[1] + n):
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(tok)
-        logits = decoder.decode(tok, pos)
-    return torch.cat(out, 1)[0].tolist()
-
-
-@torch.inference_mode()
 def hf_decode(hf, prompt, n):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    logits = hf(prompt, past_key_values=cache, use_cache=True).logits[:, -1]
-    out = []
-    for _ in range(n):
-        tok = logits.argmax(-1, keepdim=True)
-        out.append(tok)
-        logits = hf(tok, past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.cat(out, 1)[0].tolist()
+    step = lambda x: hf(x, past_key_values=cache, use_cache=True).logits[:, -1]  # noqa: E731
+    return greedy(lambda: step(prompt), lambda tok, i: step(tok), n)
 
 
 def to_hf(model):
@@ -93,10 +84,7 @@ def to_hf(model):
     from llama_lite.checkpoint import hf_state_dict
 
     a = model.params
-    cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
-                      num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
-                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-                      tie_word_embeddings=a.tie_embeddings, attn_implementation="sdpa")
+    cfg = LlamaConfig(**a.to_hf_config(), attn_implementation="sdpa")
     w = model.tok_embeddings.weight
     with torch.device(w.device):
         hf = LlamaForCausalLM(cfg).to(w.dtype).eval()
@@ -123,14 +111,15 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile_ = not args.no_compile and device.type == "cuda"
 
-    from llama_lite.fast import FastDecoder
+    from llama_lite.fast import FastDecoder, greedy_generate
 
     model = build(args, device, dtype)
     torch.manual_seed(1)
     prompt = torch.randint(0, model.params.vocab_size, (1, args.prefill), device=device)
     decoder = FastDecoder(model, 1, args.prefill + args.tokens, compile=compile_)
     runs = {"llama_lite eager": lambda: eager_decode(model, prompt, args.tokens),
-            "llama_lite fast" + (" (compiled)" if compile_ else ""): lambda: fast_decode(decoder, prompt, args.tokens)}
+            "llama_lite fast" + (" (compiled)" if compile_ else ""): lambda: greedy_generate(
+                model, prompt[0].tolist(), args.tokens, decoder=decoder)}
     if not args.no_hf:
         hf = to_hf(model)
         runs["transformers eager"] = lambda: hf_decode(hf, prompt, args.tokens)

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 
 from llama_lite import ModelArgs, Transformer
-from llama_lite.positions import permute_interleaved_to_rotate_half
+from llama_lite.checkpoint import hf_state_dict
 
 # Meta's model-parallel layout: each matrix is split along one dimension, norms are replicated.
+# (Written out here, not imported from the loader, so that a mistake there cannot cancel itself.)
 META_SPLIT_DIM = {"tok_embeddings": 1, "wo": 1, "w2": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0}
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
 def args_for_gb(gb: float) -> ModelArgs:
@@ -76,42 +74,14 @@ def write_meta(sd: dict, args: ModelArgs, folder: Path, n_shards: int = 2) -> Pa
     return folder
 
 
-def hf_state_dict(sd: dict, args: ModelArgs) -> dict:
-    """Hugging Face names, and W_q/W_k rows in HF's rotate-half order (as its converter writes them)."""
-    out = {}
-    for name, t in sd.items():
-        if name == "tok_embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "norm.weight":
-            out["model.norm.weight"] = t
-        elif name == "output.weight":
-            out["lm_head.weight"] = t
-        else:
-            _, i, rest = name.split(".", 2)
-            module = rest.rsplit(".", 1)[0]
-            if module == "attention.wq":
-                t = permute_interleaved_to_rotate_half(t, args.n_heads)
-            elif module == "attention.wk":
-                t = permute_interleaved_to_rotate_half(t, args.n_kv_heads)
-            out[f"model.layers.{i}.{HF_NAMES[module]}.weight"] = t.contiguous()
-    return out
-
-
-def hf_config(args: ModelArgs) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
-                intermediate_size=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
-                num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
-                rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
-                tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu")
-
-
 def write_hf(sd: dict, args: ModelArgs, folder: Path, n_shards: int = 2) -> Path:
     """config.json + model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config(args)))
-    hf = hf_state_dict(sd, args)
+    config = {**args.to_hf_config(), "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
+    hf = {k: v.contiguous() for k, v in hf_state_dict(sd, args).items()}
     names = list(hf)
     per = -(-len(names) // n_shards)
     weight_map = {}

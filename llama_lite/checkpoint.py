@@ -411,29 +411,32 @@ def hf_tensors(files, args: ModelArgs) -> Iterator[Tuple[str, torch.Tensor]]:
                 yield name, t
 
 
-def hf_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
-    """The inverse of `hf_tensors`: a model's weights under transformers' LlamaForCausalLM
-    names, W_q and W_k rows permuted to its rotate-half layout (as its converter does). The
-    other tensors are the model's own, not copies. Tests and benchmarks build their
-    transformers reference from it. A float model: int8 weights have no transformers name."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise ValueError("hf_state_dict needs a float model; this one has int8 weights (quantize=None when loading)")
-    args, ours = model.params, dict(model.named_parameters(remove_duplicate=False))
+def hf_state_dict(model_or_state, args: Optional[ModelArgs] = None) -> Dict[str, torch.Tensor]:
+    """The inverse of `hf_tensors`: weights under transformers' LlamaForCausalLM names, W_q and
+    W_k rows permuted to its rotate-half layout (as its converter does); the other tensors are
+    the given ones, not copies. Takes a float Transformer, or a state dict under this package's
+    names with its ModelArgs. Tests and benchmarks build their transformers reference, and write
+    Hugging Face checkpoints, with it."""
+    if isinstance(model_or_state, nn.Module):
+        if any(isinstance(m, Int8Linear) for m in model_or_state.modules()):
+            raise ValueError("hf_state_dict needs a float model; this one has int8 weights (quantize=None when loading)")
+        args, state = model_or_state.params, dict(model_or_state.named_parameters(remove_duplicate=False))
+    else:
+        state = model_or_state
     to_hf = {v: k for k, v in _HF_BLOCK.items()}
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
     sd = {}
-    for name, t in ours.items():
-        if name == "output.weight":
-            if args.tie_embeddings:
-                continue  # transformers ties lm_head to embed_tokens itself
-            key = "lm_head.weight"
-        elif name in ("tok_embeddings.weight", "norm.weight"):
-            key = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}[name]
-        else:
-            i, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
-            key = f"model.layers.{i}.{to_hf[module]}.weight"
-            if module in ("attention.wq", "attention.wk"):
-                t = permute_interleaved_to_rotate_half(t, args.n_heads if module == "attention.wq" else args.n_kv_heads)
-        sd[key] = t
+    for name, t in state.items():
+        if name == "output.weight" and args.tie_embeddings:
+            continue  # transformers ties lm_head to embed_tokens itself
+        if name in top:
+            sd[top[name]] = t
+            continue
+        i, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
+        if module in ("attention.wq", "attention.wk"):
+            t = permute_interleaved_to_rotate_half(t, args.n_heads if module == "attention.wq" else args.n_kv_heads)
+        sd[f"model.layers.{i}.{to_hf[module]}.weight"] = t
     return sd
 
 
@@ -531,18 +534,15 @@ def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[in
     dtype = resolve_dtype(dtype, device)
     overrides = {k: v for k, v in dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size).items() if v}
     kind = detect_format(path)
+    args = read_model_args(path, **overrides)
     if kind == "gguf":
-        reader = open_gguf(path)
-        args = gguf_model_args(reader, **overrides)
+        reader = open_gguf(path)  # parsed once: read_model_args' reader, cached
         model = materialize(args, gguf_tensors(reader), device, dtype, path.name, progress, len(reader.tensors),
                             quantize)
     elif kind == "meta":
-        shards = meta_shards(path)
-        args = meta_model_args(path, shards, **overrides)
-        model = materialize(args, meta_tensors(shards), device, dtype, f"{path}/consolidated.*.pth", progress,
-                            quantize=quantize)
+        model = materialize(args, meta_tensors(meta_shards(path)), device, dtype, f"{path}/consolidated.*.pth",
+                            progress, quantize=quantize)
     else:
-        args = hf_model_args(path, **overrides)
         model = materialize(args, hf_tensors(hf_weight_files(path), args), device, dtype, str(path), progress,
                             quantize=quantize)
     return model, path

@@ -98,6 +98,15 @@ class ModelArgs:
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         )
 
+    def to_hf_config(self) -> dict:
+        """The inverse of from_hf_config: the fields of a config.json for these args (the
+        transformers reference in tests and benchmarks, and the checkpoints they write)."""
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                    hidden_size=self.dim, intermediate_size=self.ffn_hidden_dim, num_hidden_layers=self.n_layers,
+                    num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                    vocab_size=self.vocab_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                    max_position_embeddings=self.max_seq_len, tie_word_embeddings=self.tie_embeddings)
+
     @classmethod
     def from_json(cls, path) -> "ModelArgs":
         return cls(**json.loads(Path(path).read_text()))

@@ -48,12 +48,7 @@ def hf_config(args, **kw):
     """transformers' LlamaConfig for the same ModelArgs."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size,
-        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=args.tie_embeddings, attn_implementation="eager", **kw,
-    )
+    return LlamaConfig(**{**args.to_hf_config(), "attn_implementation": "eager", **kw})
 
 
 def to_hf(model):
