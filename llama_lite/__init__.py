@@ -1,4 +1,10 @@
 """llama-lite: LLaMA-2 built one component at a time. See notebooks/ for the story."""
+import warnings
+
+# tqdm.auto (imported by transformers and huggingface_hub) warns in Jupyter when ipywidgets is
+# missing; whether it is installed must not change what a notebook prints (nbval compares it).
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 from .config import ModelArgs, count_parameters
 from .generation import Llama, sample_top_p
 from .kv_cache import KVCache, kv_cache_bytes

@@ -466,7 +466,7 @@ def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], de
         model = Transformer(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text on stderr everywhere: tqdm.auto's widget would depend on ipywidgets
 
         tensors = tqdm(tensors, total=total or len(expected), desc=f"loading {source}", unit="tensor")
     seen = set()
