@@ -67,6 +67,10 @@ def check_world_size(args: ModelArgs, world_size: int) -> None:
             f"use a divisor or a multiple of {kv} that divides {args.n_heads}")
     if world_size <= kv and kv % world_size:
         raise ValueError(f"{kv} key/value heads cannot be shared equally by {world_size} processes")
+    # DTensor's row-parallel input is the even Shard of the column-parallel output before it
+    for what, size in (("feed-forward hidden size", args.ffn_hidden_dim), ("vocabulary", args.vocab_size)):
+        if size % world_size:
+            raise ValueError(f"the {what} ({size}) does not split equally over {world_size} processes")
 
 
 def local_heads(args: ModelArgs, world_size: int) -> Tuple[int, int]:
@@ -199,6 +203,7 @@ def _fill(model: Transformer, read: Callable, mesh, device, dtype) -> Transforme
     from torch.distributed.tensor import DTensor, Shard
 
     args, world_size, rank = model.params, mesh.size(), mesh.get_local_rank()
+    check_world_size(args, world_size)
     for name, param in list(model.named_parameters()):
         if name == "output.weight" and args.tie_embeddings:
             continue
@@ -243,17 +248,23 @@ def shard_model(model: Transformer, mesh, device=None, dtype=None) -> Transforme
 
 
 # -- readers: each rank reads only its slices ----------------------------------------------------
-def _meta_reader(path: Path, args: ModelArgs, rank: int):
+def _meta_reader(path: Path, args: ModelArgs, rank: int, world_size: int):
     from .checkpoint import _meta_cat_dim, _torch_load, meta_shards
 
     shards = meta_shards(path)
-    opened = functools.lru_cache(maxsize=None)(lambda i: _torch_load(shards[i]))  # mmap; opened when needed
+    files_read = set()
+
+    @functools.lru_cache(maxsize=None)
+    def opened(i):  # mmap: a shard is opened only when one of its slices is needed
+        files_read.add(shards[i].name)
+        return _torch_load(shards[i])
+
     n = len(shards)
 
     def read(name, shape, dim, start, stop):
         cat = _meta_cat_dim(name)
-        if cat is None:  # replicated in every shard: read this rank's own file
-            return opened(rank % n)[name]
+        if cat is None:  # replicated in every shard: read the file that holds this rank's first slices
+            return opened(rank * n // world_size)[name]
         per = shape[cat] // n  # each shard holds an equal block along its split dimension
         if dim is None:  # not split here but split in the files: join (not used by this plan)
             return torch.cat([opened(i)[name] for i in range(n)], dim=cat)
@@ -265,6 +276,7 @@ def _meta_reader(path: Path, args: ModelArgs, rank: int):
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat)
         return torch.cat([opened(i)[name].narrow(dim, start, stop - start) for i in range(n)], dim=cat)
 
+    read.files_read = files_read
     return read
 
 
@@ -326,9 +338,11 @@ def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: Opt
     args = read_model_args(path, **overrides)
     check_world_size(args, mesh.size())
     kind = detect_format(path)
-    read = (_meta_reader(path, args, mesh.get_local_rank()) if kind == "meta"
+    read = (_meta_reader(path, args, mesh.get_local_rank(), mesh.size()) if kind == "meta"
             else _hf_reader(path, args) if kind == "hf" else _gguf_reader(path))
-    return _fill(_meta_model(args), read, mesh, device, dtype)
+    model = _fill(_meta_model(args), read, mesh, device, dtype)
+    model.tensor_parallel["files_read"] = sorted(getattr(read, "files_read", [path.name]))
+    return model
 
 
 # -- accounting: bytes per rank -----------------------------------------------------------------
@@ -362,11 +376,14 @@ def ring_bytes_sent_per_rank(payload: int, world_size: int) -> float:
 
 
 # -- processes ----------------------------------------------------------------------------------
-def launch(nproc: int, module_args, timeout: float = 600, threads: int = 1, env=None) -> subprocess.CompletedProcess:
-    """Run `python -m <module_args>` in nproc processes with torchrun on the loopback interface
-    (gloo on CPUs), one torch thread each; returns the finished process (stdout, stderr, returncode)."""
+def launch(nproc: int, args, timeout: float = 600, threads: int = 1, env=None) -> subprocess.CompletedProcess:
+    """Run `python -m args[0] args[1:]` (or the script args[0] if it ends in .py) in nproc processes
+    with torchrun on the loopback interface (gloo on CPUs), one torch thread each; returns the
+    finished process (stdout, stderr, returncode)."""
+    args = [str(a) for a in args]
+    target = args if args[0].endswith(".py") else ["-m", *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", *module_args]
+           f"--master-port={free_port()}", *target]
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LLAMA_LITE_TORCH_THREADS": str(threads),
                 "TORCHELASTIC_ERROR_FILE": "", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
