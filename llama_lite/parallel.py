@@ -395,8 +395,10 @@ def _set_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=None, dtype=None, seed=None):
-    """Llama.build for one rank of a tensor-parallel run."""
+def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=None, dtype=None, seed=None,
+                progress=False, quantize=None):
+    """Llama.build for one rank of a tensor-parallel run (the CLI calls it under torchrun)."""
+    import atexit
     import time
 
     from .checkpoint import find_tokenizer_model, open_gguf
@@ -406,8 +408,11 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
     _set_threads()
     if seed is not None:
         torch.manual_seed(seed)
+    if quantize is not None:
+        raise ValueError("--quantize is not supported with several processes: the sharded model keeps float weights")
     start = time.perf_counter()
     mesh, dev = init_distributed(torch.device(device).type if device else None)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     model = load_sharded(ckpt_dir, mesh, dev, dtype, max_seq_len=max_seq_len)
     path = ckpt_dir and Path(ckpt_dir)
     if tokenizer_path is not None:
