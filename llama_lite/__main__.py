@@ -49,10 +49,10 @@ def main(argv=None) -> int:
     tp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if tp:
         from .parallel import build_llama, is_rank0
+    build = build_llama if tp else Llama.build
     try:
-        llama = (build_llama if tp else Llama.build)(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
-                            dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None,
-                            quantize=args.quantize)
+        llama = build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
+                      dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None, quantize=args.quantize)
         tok = llama.tokenizer
         if args.command == "generate":
             if not args.prompt:

@@ -16,8 +16,9 @@ Megatron-style tensor parallelism, written with PyTorch's own API
   logits, so every rank sees the full logits and picks the same next token.
 
 Loading: each rank reads only the slices it owns (memory maps: Meta's .pth via torch.load(mmap=True),
-Hugging Face's via safetensors' get_slice). Meta's N-shard checkpoint on N ranks: rank r reads only
-consolidated.r.pth, whose tensors are exactly its slices (the split dimensions here are Meta's).
+Hugging Face's via safetensors' get_slice). Meta's N-shard checkpoint on N ranks: rank r reads the
+weights of consolidated.r.pth only, whose tensors are exactly its slices (the split dimensions here
+are Meta's); every rank also reads params.json and the tensor shapes in shard 0's header.
 GGUF (the embedded SmolLM2) is block-quantized, so each rank dequantizes a tensor and keeps its slice.
 
 Run: torchrun --nproc-per-node N -m llama_lite generate "..." (gloo on CPUs, NCCL on GPUs).
@@ -32,13 +33,12 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import regroup_kv_weight
 from .config import ModelArgs
 from .kv_cache import KVCache
 from .model import Transformer
@@ -330,8 +330,9 @@ def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: Opt
     from .checkpoint import detect_format, read_model_args, resolve_dtype, smollm2_gguf_path
 
     if mesh is None:
-        mesh, device = init_distributed() if device is None else (init_distributed(torch.device(device).type)[0], device)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        mesh, own_device = init_distributed(torch.device(device).type if device is not None else None)
+        device = device if device is not None else own_device
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     path = smollm2_gguf_path() if path is None else Path(path)
     overrides = {k: v for k, v in dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size).items() if v}

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tiny configs (head_dim 8; vocab, heads and FFN hidden sizes divisible by 2 and 3). gqa: 2 query heads per kv head; mqa: one kv head, replicated on every rank.
+# Tiny configs (head_dim 8; vocab, heads and FFN hidden sizes divisible by 2 and 3). gqa: 2 query
+# heads per kv head; mqa: one kv head, replicated on every rank; tied: the vocabulary-split embedding.
 CONFIGS = {
     "mha": dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=6, vocab_size=96, multiple_of=48, max_seq_len=32),
     "gqa": dict(dim=96, n_layers=2, n_heads=12, n_kv_heads=6, vocab_size=96, multiple_of=48, max_seq_len=32),
@@ -78,7 +79,6 @@ def worker(folder: Path) -> None:
         model = _random_model(args)
         ref = _run(model)
         sharded = shard_model(model, mesh)
-        cache_heads = None
         sharded.setup_cache(1, 32)
         cache_heads = sharded.caches[0].cache_k.shape[2]
         sharded.clear_cache()
