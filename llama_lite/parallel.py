@@ -386,7 +386,7 @@ def launch(nproc: int, args, timeout: float = 600, threads: int = 1, env=None) -
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", *target]
     full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LLAMA_LITE_TORCH_THREADS": str(threads),
-                "TORCHELASTIC_ERROR_FILE": "", **(env or {})}
+                **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -413,7 +413,7 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
         raise ValueError("--quantize is not supported with several processes: the sharded model keeps float weights")
     start = time.perf_counter()
     mesh, dev = init_distributed(torch.device(device).type if device else None)
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    atexit.register(_close)
     model = load_sharded(ckpt_dir, mesh, dev, dtype, max_seq_len=max_seq_len)
     path = ckpt_dir and Path(ckpt_dir)
     if tokenizer_path is not None:
@@ -428,6 +428,14 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
     llama = Llama(model, tokenizer)
     llama.load_seconds = time.perf_counter() - start
     return llama
+
+
+def _close() -> None:
+    """Leave the process group together: a rank that closed its connections while another still
+    reads the last all-reduce's bytes would fail that rank (gloo: 'Connection closed by peer')."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_rank0() -> bool:
@@ -469,7 +477,7 @@ def _logits_main(argv) -> int:
     if dist.get_rank() == 0:
         torch.save(dict(prefill=prefill, first_cached=steps[0], decode=torch.cat(steps[1:], dim=1), decode_tokens=fed,
                         ranks=infos), a.out)
-    dist.destroy_process_group()
+    _close()
     return 0
 
 

@@ -102,6 +102,7 @@ def worker(folder: Path) -> None:
         result["error"] = str(e)
     if rank == 0:
         (folder / f"result-{n}.json").write_text(json.dumps(result))
+    dist.barrier()  # leave together (see parallel._close)
     dist.destroy_process_group()
 
 
