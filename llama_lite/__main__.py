@@ -5,6 +5,7 @@ With no --checkpoint it runs the embedded SmolLM2-135M-Instruct on the CPU, offl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -44,10 +45,14 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .generation import Llama
 
+    # Under torchrun (WORLD_SIZE > 1) the model is split over the processes (notebook 08); rank 0 prints.
+    tp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if tp:
+        from .parallel import build_llama, is_rank0
+    build = build_llama if tp else Llama.build
     try:
-        llama = Llama.build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
-                            dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None,
-                            quantize=args.quantize)
+        llama = build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
+                      dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None, quantize=args.quantize)
         tok = llama.tokenizer
         if args.command == "generate":
             if not args.prompt:
@@ -65,8 +70,11 @@ def main(argv=None) -> int:
             (out,), _ = llama.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k)
         elapsed = time.perf_counter() - start
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not tp or is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    if tp and not is_rank0():
+        return 0
     text = tok.decode(out)
     print(text if args.command == "generate" else text.strip())
     if args.stats:
