@@ -89,10 +89,15 @@ def has_native_bf16(device) -> bool:
     return device.type == "cuda" and cuda_capability(device) >= (8, 0)
 
 
+def dtype_for_capability(capability) -> torch.dtype:
+    """The policy for a CUDA GPU of this capability: bf16 from 8.0 (A100, L4, H100), else fp16 (T4 7.5, V100 7.0)."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def default_dtype(device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if has_native_bf16(device) else torch.float16
+        return dtype_for_capability(cuda_capability(device))
     if device.type == "mps":
         return torch.float16  # no CUDA call: bfloat16 on MPS depends on the macOS version
     return torch.float32
@@ -161,17 +166,21 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str] = 
     return total
 
 
-def prefill_activation_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) -> int:
+def prefill_activation_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype,
+                             quantize: Optional[str] = None) -> int:
     """The largest transient of a prefill of `seq` tokens, besides the logits: the residual
     stream, a normed copy, q/k/v and attention's output (dim wide each), the SwiGLU block's three
     hidden-wide tensors, and the causal mask (seq x seq, built in float32 then cast).
     Attention scores are not counted: on a GPU scaled_dot_product_attention with a mask runs the
-    memory-efficient kernel, which never holds the (heads, seq, seq) matrix."""
+    memory-efficient kernel, which never holds the (heads, seq, seq) matrix. With int8 weights a
+    prefill converts one weight at a time to `dtype` (quantize.py's dequantize path): the
+    largest one is counted too."""
     e = _element(dtype)
     tokens = batch * seq
     hidden = tokens * (6 * args.dim + 3 * args.ffn_hidden_dim) * e
     mask = seq * seq * (4 + e)
-    return hidden + mask
+    dequantized = args.dim * max(args.ffn_hidden_dim, args.n_heads * args.head_dim) * e if quantize == "int8" else 0
+    return hidden + mask + dequantized
 
 
 def logits_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) -> int:
@@ -233,7 +242,7 @@ def estimate(args: ModelArgs, device, dtype: torch.dtype, quantize: Optional[str
              reason: str = "") -> FitPlan:
     return FitPlan(torch.device(device), dtype, quantize, seq, batch, wanted or seq, free_bytes,
                    weight_bytes(args, dtype, quantize), kv_cache_bytes(args, batch, seq, dtype),
-                   prefill_activation_bytes(args, batch, seq, dtype), logits_bytes(args, batch, seq, dtype),
+                   prefill_activation_bytes(args, batch, seq, dtype, quantize), logits_bytes(args, batch, seq, dtype),
                    workspace_bytes(total), reason)
 
 
@@ -249,11 +258,18 @@ def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max
     quantize: "auto" (decide), "int8" (always), None (never)."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    free = free_memory(device) if free_bytes is None else int(free_bytes)
+    return choose_plan(args, device, dtype, free, total_memory(device), max_seq_len or args.max_seq_len,
+                       batch_size, quantize)
+
+
+def choose_plan(args: ModelArgs, device, dtype: torch.dtype, free: Optional[int], total: Optional[int],
+                wanted: int, batch_size: int = 1, quantize="auto") -> FitPlan:
+    """plan_fit's rule, with the device's numbers given instead of asked: a GPU that is not here
+    (a T4's specification) can be planned for too."""
     if quantize not in ("auto", "int8", None):
         raise CheckpointError(f"quantize={quantize!r} is not supported; use 'auto', 'int8' or None")
-    free = free_memory(device) if free_bytes is None else int(free_bytes)
-    total = total_memory(device)
-    wanted = max_seq_len or args.max_seq_len
+    device = torch.device(device)
     dname = str(dtype).removeprefix("torch.")
     plan = lambda q, seq, why: estimate(args, device, dtype, q, seq, batch_size, free, total, wanted, why)  # noqa: E731
 
@@ -261,8 +277,7 @@ def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max
         return plan("int8" if quantize == "int8" else None, wanted, "free memory unknown on this device: not checked")
     options = [None, "int8"] if quantize == "auto" else [quantize]
     for q in options:
-        p = plan(q, wanted, "")
-        if p.fits:
+        if plan(q, wanted, "").fits:
             if q is None:
                 why = f"{dname} weights and a {wanted:,}-token cache fit"
             elif quantize == "int8":
@@ -273,8 +288,7 @@ def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max
     q = options[-1]
     seq = (wanted - 1) // 256 * 256
     while seq >= 256:
-        p = plan(q, seq, "")
-        if p.fits:
+        if plan(q, seq, "").fits:
             return plan(q, seq, f"not even int8 fits {wanted:,} tokens; the longest context that fits" if q
                         else f"{dname} does not fit {wanted:,} tokens; the longest context that fits")
         seq -= 256
@@ -285,5 +299,5 @@ def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max
 
 
 __all__ = ["CheckpointError", "DTYPES", "default_device", "resolve_device", "resolve_dtype", "default_dtype",
-           "has_native_bf16", "free_memory", "total_memory", "weight_bytes", "prefill_activation_bytes",
-           "logits_bytes", "workspace_bytes", "FitPlan", "estimate", "plan_fit"]
+           "has_native_bf16", "dtype_for_capability", "free_memory", "total_memory", "weight_bytes", "prefill_activation_bytes",
+           "logits_bytes", "workspace_bytes", "FitPlan", "estimate", "plan_fit", "choose_plan"]
