@@ -274,7 +274,7 @@ def choose_plan(args: ModelArgs, device, dtype: torch.dtype, free: Optional[int]
     plan = lambda q, seq, why: estimate(args, device, dtype, q, seq, batch_size, free, total, wanted, why)  # noqa: E731
 
     if free is None:
-        return plan("int8" if quantize == "int8" else None, wanted, "free memory unknown on this device: not checked")
+        return plan("int8" if quantize == "int8" else None, wanted, "free memory not known (or not asked): not checked")
     options = [None, "int8"] if quantize == "auto" else [quantize]
     for q in options:
         if plan(q, wanted, "").fits:
