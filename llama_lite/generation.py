@@ -82,10 +82,14 @@ class Llama:
     @staticmethod
     def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: Optional[int] = None, max_batch_size: int = 1,
               device=None, dtype=None, seed: Optional[int] = None, progress: bool = False,
-              quantize: Optional[str] = None) -> "Llama":
+              quantize: Optional[str] = None, plan=None) -> "Llama":
         """Load a checkpoint and its tokenizer. No arguments: the embedded SmolLM2-135M-Instruct
         on the CPU. ckpt_dir: Meta's folder (params.json, consolidated.*.pth), Hugging Face's
-        folder (config.json, *.safetensors) or a .gguf file."""
+        folder (config.json, *.safetensors) or a .gguf file. plan: a llama_lite.devices.FitPlan
+        (plan_fit's answer), whose device, dtype, quantize, max_seq_len and batch size are used."""
+        if plan is not None:
+            device, dtype, quantize = plan.device, plan.dtype, plan.quantize
+            max_seq_len, max_batch_size = plan.max_seq_len, plan.batch_size
         if seed is not None:
             torch.manual_seed(seed)
         if ckpt_dir is None and device is None:

@@ -1,8 +1,21 @@
 """Weight-only int8: each Linear keeps its weight as int8 plus one scale per output row.
 
 Halves a bf16 model's memory (a quarter of fp32) so that a 7B fits a 16 GB GPU. Activations
-stay in floating point; the weight is converted back on the fly, so the arithmetic is the
-same as before up to the rounding of each weight to 1/127 of its row's largest magnitude.
+stay in floating point; the arithmetic is the same as before up to the rounding of each weight
+to 1/127 of its row's largest magnitude.
+
+Decoding reads every weight once per token, so int8 pays only if the matmul reads the int8
+bytes themselves. Two paths, chosen per device by `int8_matmul_path` and reported by it:
+
+* "int8pack_mm": PyTorch's weight-only int8 kernel, `torch._weight_int8pack_mm(x, w_int8,
+  scales)`, which reads 1 byte per weight. It has a CPU kernel (torch >= 2.4) and an MPS one;
+  newer torch builds also register a CUDA one. Registered or not is asked of the dispatcher, so
+  whatever torch is installed decides. On CUDA it runs for up to INT8PACK_MAX_ROWS rows (decode
+  steps, small batches): its CUDA kernel is a matrix-vector kernel, and a long prefill is
+  compute-bound anyway, where the dequantize path's extra traffic is a small price.
+* "dequantize": convert the weight to the activations' dtype and call F.linear: 1 byte read,
+  2 written, 2 read again per weight and call (about 5 bytes against bf16's 2), so on a
+  bandwidth-bound decode it is slower than bf16; only the memory saving remains.
 """
 import torch
 import torch.nn.functional as F
@@ -17,15 +30,46 @@ def quantize_int8(w: torch.Tensor):
     return q, scale
 
 
+INT8PACK_MAX_ROWS = 16  # on CUDA, rows (batch x tokens) up to which the int8 kernel runs
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}
+_PATHS: dict = {}  # device type -> path, filled outside forward so that torch.compile sees a constant
+
+
+def int8_matmul_path(device) -> str:
+    """'int8pack_mm' where this torch has a weight-only int8 kernel for the device type, else
+    'dequantize' (see the module's docstring)."""
+    kind = torch.device(device).type
+    if kind not in _PATHS:
+        op = getattr(torch, "_weight_int8pack_mm", None)
+        key = _DISPATCH_KEYS.get(kind)
+        has = op is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "aten::_weight_int8pack_mm", key)
+        _PATHS[kind] = "int8pack_mm" if has else "dequantize"
+    return _PATHS[kind]
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         q, scale = quantize_int8(weight)
-        self.register_buffer("weight", q)
+        self.register_buffer("weight", q.contiguous())
         self.register_buffer("scale", scale.to(dtype))
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        int8_matmul_path(q.device)  # decided here, outside forward
+
+    def path(self, x: torch.Tensor) -> str:
+        """The path forward takes for this input."""
+        path = _PATHS.get(x.device.type) or int8_matmul_path(x.device)
+        if path == "int8pack_mm" and x.device.type == "cuda" and x.numel() // self.in_features > INT8PACK_MAX_ROWS:
+            return "dequantize"
+        return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path(x) == "int8pack_mm":
+            # (rows, in) x (out, in)^T, each output row times its scale; the int8 bytes are read as they are
+            scale = self.scale if self.scale.dtype == x.dtype else self.scale.to(x.dtype)
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, scale)
+            return out.reshape(*x.shape[:-1], self.out_features)
         # (x W_q^T) * scale == x (W_q * scale)^T: scale the output rows, not the whole matrix.
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
 

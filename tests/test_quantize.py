@@ -77,3 +77,70 @@ def test_hf_state_dict_refuses_an_int8_model():
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=97, multiple_of=16, max_seq_len=32)
     with pytest.raises(ValueError, match="int8"):
         hf_state_dict(quantize_model_int8(Transformer(args)))
+
+
+# -- the int8 matmul paths ----------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["int8pack_mm", "dequantize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_paths_equal_the_float_layer_within_the_quantization_error(path, dtype, monkeypatch):
+    from llama_lite import quantize
+
+    if path == "int8pack_mm" and quantize.int8_matmul_path("cpu") != path:
+        pytest.skip("this torch has no CPU kernel for _weight_int8pack_mm")
+    monkeypatch.setitem(quantize._PATHS, "cpu", path)
+    torch.manual_seed(0)
+    w, x = torch.randn(96, 160) * torch.rand(96, 1), torch.randn(2, 5, 160)
+    layer = Int8Linear(w, dtype)
+    xd = x.to(dtype)
+    assert layer.path(xd) == path
+    out = layer(xd)
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    q, scale = quantize_int8(w)
+    x64 = xd.double()
+    reference = F.linear(x64, w.double())  # the float layer this one replaces
+    dequantized = F.linear(x64, q.double() * scale.double()[:, None])  # what int8 computes, without rounding
+    # each weight is off by at most half a step (scale / 2): |error| <= sum_k |x_k| * scale_n / 2
+    quant_bound = x64.abs().sum(-1, keepdim=True) * scale.double() / 2
+    eps = torch.finfo(dtype).eps
+    rounding = 4 * eps * F.linear(x64.abs(), (q.double() * scale.double()[:, None]).abs()) + 1e-6
+    assert ((out.double() - dequantized).abs() <= rounding).all()
+    assert ((out.double() - reference).abs() <= quant_bound + rounding).all()
+    if dtype == torch.float32:  # in 16 bits the rounding of the activations is as large as the quantization error
+        assert ((dequantized - reference).abs() > rounding).any()  # the quantization error is there to be bounded
+
+
+def test_int8pack_path_never_makes_a_float_copy_of_the_weight(monkeypatch):
+    """What makes int8 pay: the kernel reads the int8 bytes. The dequantize path, for contrast,
+    materialises a (out, in) float weight on every call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llama_lite import quantize
+
+    if quantize.int8_matmul_path("cpu") != "int8pack_mm":
+        pytest.skip("this torch has no CPU kernel for _weight_int8pack_mm")
+
+    class FloatWeights(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and tuple(out.shape) == (96, 160):
+                self.seen.append(str(func))
+            return out
+
+    layer, x = Int8Linear(torch.randn(96, 160), torch.bfloat16), torch.randn(1, 1, 160, dtype=torch.bfloat16)
+    for path, expect_copy in (("int8pack_mm", False), ("dequantize", True)):
+        monkeypatch.setitem(quantize._PATHS, "cpu", path)
+        with FloatWeights() as mode:
+            layer(x)
+        assert bool(mode.seen) == expect_copy, (path, mode.seen)
+
+
+def test_int8_matmul_path_is_one_of_two():
+    from llama_lite.quantize import int8_matmul_path
+
+    for device in ("cpu", "cuda", "mps", "meta"):
+        assert int8_matmul_path(device) in ("int8pack_mm", "dequantize")
+    assert int8_matmul_path("meta") == "dequantize"
