@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--tokenizer", default=None, help="tokenizer.model path, if not beside the checkpoint")
         s.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 256)
         s.add_argument("--temperature", type=float, default=0.0,
-                       help="0 is greedy (the default, reproducible); Meta's examples use 0.6")
+                       help="0 is greedy (the default, reproducible), else >= 0.001; Meta's examples use 0.6")
         s.add_argument("--top-p", type=float, default=0.9)
         s.add_argument("--top-k", type=int, default=None)
         s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy if 1)")

@@ -171,9 +171,13 @@ class Llama:
         if seed is not None:
             check_seed(seed)
             torch.manual_seed(seed)
+        # The tokenizer is found before the weights load, so a missing one fails in milliseconds.
+        if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; tokenizer_path takes the path of a "
+                                    "tokenizer.model (or .gguf) file")
         if ckpt_dir is not None and tokenizer_path is None and Path(ckpt_dir).is_dir() and \
-                detect_format(Path(ckpt_dir)) == "meta":
-            find_tokenizer_model(Path(ckpt_dir))  # before the weights: a missing tokenizer fails in milliseconds
+                detect_format(Path(ckpt_dir)) in ("meta", "hf"):
+            find_tokenizer_model(Path(ckpt_dir))
         if ckpt_dir is None and device is None:
             device = "cpu"  # the embedded model is the CPU default, even where a GPU exists
         start = time.perf_counter()
@@ -307,7 +311,8 @@ class Llama:
         Returns the best hypothesis' new tokens (without the prompt and, as generate, without
         the stop token) and its score. Thread-safe: holds the model's lock while it runs.
         """
-        if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and hasattr(prompt_tokens[0], "__len__"):
+        if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and hasattr(prompt_tokens[0], "__len__") \
+                and getattr(prompt_tokens[0], "ndim", 1) != 0:
             raise ValueError("beam_search takes one prompt, a list of token ids (not a list of prompts)")
         V = self.model.params.vocab_size
         check_beam_search(num_beams, max_gen_len, length_penalty, early_stopping, V, len(self.tokenizer.stop_ids))
