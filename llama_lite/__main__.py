@@ -6,12 +6,49 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr and exit status 2 (argparse prints the usage too)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip()
+
+
+def _check_before_loading(args) -> None:
+    """Everything that can be checked without the model, so a mistake costs milliseconds, not a
+    load: the prompt, the sampling and beam settings, the sizes, the seed, the paths."""
+    from pathlib import Path
+
+    from .checkpoint import check_overrides, detect_format
+    from .generation import check_sampling, check_seed
+
+    if not args.prompt:
+        raise ValueError("empty prompt: give some text to continue" if args.command == "generate" else
+                         "empty message: give the user's message to answer")
+    check_sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+    if args.num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1 (1 is greedy), got {args.num_beams}")
+    check_overrides(max_seq_len=args.max_seq_len)
+    check_seed(args.seed)
+    if args.checkpoint is not None:
+        if not args.checkpoint.strip():
+            raise ValueError("--checkpoint is empty; give a checkpoint path, or leave it out for the embedded model")
+        detect_format(Path(args.checkpoint))  # not found, or a file where a folder is meant
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer file {args.tokenizer} not found; --tokenizer takes the path of a "
+                                "tokenizer.model (or .gguf) file")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llama_lite", description=__doc__.strip().splitlines()[0])
+    p = _Parser(prog="python -m llama_lite", description=__doc__.strip().splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("generate", "continue a text"), ("chat", "answer a message through the chat format")):
         s = sub.add_parser(name, help=helptext)
@@ -22,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--tokenizer", default=None, help="tokenizer.model path, if not beside the checkpoint")
         s.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 256)
         s.add_argument("--temperature", type=float, default=0.0,
-                       help="0 is greedy (the default, reproducible); Meta's examples use 0.6")
+                       help="0 is greedy (the default, reproducible), else >= 0.001; Meta's examples use 0.6")
         s.add_argument("--top-p", type=float, default=0.9)
         s.add_argument("--top-k", type=int, default=None)
         s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (greedy if 1)")
@@ -53,6 +90,7 @@ def main(argv=None) -> int:
         from .parallel import build_llama, is_rank0
     build = build_llama if tp else Llama.build
     try:
+        _check_before_loading(args)
         if args.device is not None or args.dtype is not None:  # checked before anything is loaded
             resolve_dtype(args.dtype, resolve_device(args.device or ("cpu" if args.checkpoint is None else None)))
         llama = build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
@@ -73,9 +111,9 @@ def main(argv=None) -> int:
             torch.manual_seed(args.seed)
             (out,), _ = llama.generate([prompt], args.max_new_tokens, args.temperature, args.top_p, args.top_k)
         elapsed = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, TypeError, OSError, CheckpointError) as e:
         if not tp or is_rank0():
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     if tp and not is_rank0():
         return 0

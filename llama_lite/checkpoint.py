@@ -12,9 +12,11 @@ import functools
 import importlib.util
 import json
 import mmap
+import numbers
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
@@ -243,11 +245,23 @@ def _release_pages(t: torch.Tensor) -> None:
         pass
 
 
+_SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
+
+
 def meta_shards(ckpt_dir: Path) -> list:
-    shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    """The consolidated.NN.pth shards, in order. Only names of exactly that form count: a
+    browser's second copy such as 'consolidated.00 (1).pth' is ignored with a warning that
+    names it (the set is then checked for gaps as usual)."""
+    candidates = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    shards = [p for p in candidates if _SHARD_NAME.fullmatch(p.name)]
+    strays = [p.name for p in candidates if not _SHARD_NAME.fullmatch(p.name)]
+    if strays and shards:
+        warnings.warn(f"ignoring {', '.join(repr(n) for n in strays)} in {ckpt_dir}: only files named exactly "
+                      "consolidated.NN.pth are shards (a duplicate download?)")
     if not shards:
-        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}")
-    numbers = [int(re.search(r"consolidated\.(\d+)\.pth", p.name).group(1)) for p in shards]
+        raise CheckpointError(f"no consolidated.NN.pth files in {ckpt_dir}"
+                              + (f" (only {', '.join(strays)}: rename it to consolidated.00.pth)" if strays else ""))
+    numbers = [int(_SHARD_NAME.fullmatch(p.name).group(1)) for p in shards]
     missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
     if missing:
         raise CheckpointError(
@@ -265,6 +279,9 @@ def meta_model_args(ckpt_dir: Path, shards, **overrides) -> ModelArgs:
         params = json.loads(params_path.read_text())
     except ValueError as e:
         raise CheckpointError(f"{params_path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_path} holds a JSON {type(params).__name__}, not an object of model "
+                              "settings ({\"dim\": ..., \"n_layers\": ...}); download it again")
     first = _torch_load(shards[0])
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight; is this a Llama checkpoint?")
@@ -334,7 +351,15 @@ def _hf_name(name: str) -> Optional[str]:
 def hf_weight_files(ckpt_dir: Path) -> list:
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not files or not all(isinstance(f, str) for f in files):
+                raise ValueError("its weight_map names no files")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            what = "has no 'weight_map'" if isinstance(e, KeyError) else f"is not a valid index ({e})"
+            raise CheckpointError(f"{index} {what}; download it again (or delete it if model.safetensors is "
+                                  "a single file)") from None
         missing = [f for f in files if not (ckpt_dir / f).is_file()]
         if missing:
             raise CheckpointError(f"{', '.join(missing)} listed in {index.name} but missing from {ckpt_dir}; download the whole set")
@@ -350,7 +375,14 @@ def hf_model_args(ckpt_dir: Path, **overrides) -> ModelArgs:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} is missing: Hugging Face checkpoints come with config.json")
     try:
-        return ModelArgs.from_hf_config(json.loads(config_path.read_text())).replace(**overrides)
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(config).__name__}, not an object of model "
+                              "settings; download it again")
+    try:
+        return ModelArgs.from_hf_config(config).replace(**overrides)
     except KeyError as e:
         raise CheckpointError(f"{config_path} has no {e} entry; is it a Llama config.json?") from None
     except (TypeError, ValueError) as e:
@@ -486,6 +518,11 @@ def materialize(args: ModelArgs, tensors: Iterator[Tuple[str, torch.Tensor]], de
 def detect_format(path: Path) -> str:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
+    if path.is_file():
+        hint = (f"pass the folder that holds it ({path.parent})"
+                if path.suffix in (".pth", ".safetensors", ".json", ".model", ".bin") else
+                "pass a checkpoint folder or a .gguf file")
+        raise CheckpointError(f"{path} is a file, not a checkpoint: {hint}")
     if path.is_dir():
         if list(path.glob("consolidated.*.pth")) or (path / "params.json").is_file():
             return "meta"
@@ -501,6 +538,21 @@ def detect_format(path: Path) -> str:
     )
 
 
+def check_overrides(**overrides) -> dict:
+    """The given (not None) overrides of the checkpoint's settings, each an integer >= 1; 0 is
+    refused, not read as "unset" (None is unset: the checkpoint's own value)."""
+    out = {}
+    for name, v in overrides.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            hint = " (the context length in tokens)" if name == "max_seq_len" else ""
+            raise ValueError(f"{name} must be an integer >= 1{hint}, got {v!r}; "
+                             "None (the default) keeps the checkpoint's own value")
+        out[name] = int(v)
+    return out
+
+
 def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[int] = None,
                     max_batch_size: Optional[int] = None, progress: bool = False,
                     quantize: Optional[str] = None) -> Tuple[Transformer, Path]:
@@ -509,7 +561,7 @@ def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: Optional[in
     device = resolve_device(device)  # a device or dtype this machine cannot give fails here, before any file is read
     dtype = resolve_dtype(dtype, device)
     path = smollm2_gguf_path() if path is None else Path(path)
-    overrides = {k: v for k, v in dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size).items() if v}
+    overrides = check_overrides(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     kind = detect_format(path)
     args = read_model_args(path, **overrides)
     if kind == "gguf":
@@ -529,6 +581,7 @@ def read_model_args(path=None, **overrides) -> ModelArgs:
     """The ModelArgs of a checkpoint, read from its config alone (no weights are loaded), so
     memory can be checked before loading."""
     path = smollm2_gguf_path() if path is None else Path(path)
+    overrides = check_overrides(**overrides)
     kind = detect_format(path)
     if kind == "gguf":
         return gguf_model_args(open_gguf(path), **overrides)

@@ -2,14 +2,19 @@
 llama/generation.py: Llama.build, generate, text_completion, chat_completion, sample_top_p."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import find_tokenizer_model, load_checkpoint, open_gguf
+from .checkpoint import detect_format, find_tokenizer_model, load_checkpoint, open_gguf
 from .model import Transformer
 from .tokenizer import Message, Tokenizer
 
@@ -43,15 +48,80 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: O
     return sample_top_p(probs, top_p).reshape(-1)
 
 
+MIN_TEMPERATURE = 1e-3  # below it (but above 0) the scaled logits overflow float32: use 0, greedy
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def check_sampling(temperature: float, top_p: float, top_k: Optional[int], max_gen_len: Optional[int]) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
-    if max_gen_len is not None and max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+    """The sampling settings' rules, checked before any work:
+    temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE (0.001): smaller positive
+    values would divide the logits into inf/nan, and their limit is greedy anyway, so pass 0;
+    top_p is a number in (0, 1]; top_k is None or an integer >= 1; max_gen_len an integer >= 1."""
+    if not _is_number(temperature) or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    if math.isinf(temperature):
+        raise ValueError(f"temperature must be finite (0 is greedy; a large finite value is near-uniform), "
+                         f"got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature!r} is too small to sample with: use 0 for greedy decoding "
+                         f"(its limit) or a value >= {MIN_TEMPERATURE}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k), got {top_k!r}")
+    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 1):
+        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+
+
+def check_prompt_tokens(prompt_tokens, vocab_size: int) -> List[List[int]]:
+    """A list of prompts, each a non-empty list of integer token ids in [0, vocab_size);
+    returns them as plain lists of ints. Floats are refused, not truncated."""
+    if isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__"):
+        raise TypeError(f"prompt_tokens is a list of prompts, each a list of token ids; got "
+                        f"{type(prompt_tokens).__name__}")
+    if len(prompt_tokens) == 0:
+        raise ValueError("no prompts: prompt_tokens needs at least one prompt (a list of token ids)")
+    out = []
+    for i, t in enumerate(prompt_tokens):
+        if _is_int(t) or isinstance(t, (str, bytes)) or not hasattr(t, "__len__"):
+            raise TypeError(f"prompt {i} is {t!r}, not a list of token ids; prompt_tokens is a list of prompts "
+                            "(wrap a single prompt in a list)")
+        if len(t) == 0:
+            raise ValueError(f"empty prompt: prompt {i} has no tokens; every prompt needs at least one token")
+        ids = []
+        for x in t:
+            try:
+                x = operator.index(x)  # ints, numpy/torch integers; a float is refused, not truncated
+            except TypeError:
+                raise TypeError(f"token ids must be integers; prompt {i} holds {x!r} "
+                                f"({type(x).__name__})") from None
+            if not 0 <= x < vocab_size:
+                raise ValueError(f"token id {x} in prompt {i} is outside the vocabulary (0 .. {vocab_size - 1})")
+            ids.append(x)
+        out.append(ids)
+    return out
+
+
+# One lock per model: generation installs its KV cache on the model, so two calls on one model
+# at once would overwrite each other's cache. Keyed weakly, and not an attribute of the model,
+# so copy.deepcopy(model) and pickling keep working.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
 
 
 def check_beam_search(num_beams: int, max_gen_len: int, length_penalty: float, early_stopping, vocab_size: int,
@@ -74,7 +144,17 @@ def check_beam_search(num_beams: int, max_gen_len: int, length_penalty: float, e
         raise ValueError(f"early_stopping must be True, False or 'never' (as transformers), got {early_stopping!r}")
 
 
+def check_seed(seed) -> None:
+    if not _is_int(seed) or not -2 ** 63 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64) (torch.manual_seed's range), got {seed!r}")
+
+
 class Llama:
+    """A model and its tokenizer. Thread-safe: generate and beam_search (and so text_completion
+    and chat_completion) hold a lock on the model while they run, because each call installs its
+    KV cache on the model; calls from several threads on one Llama (or on Llamas sharing a model)
+    each get the right answer, one after another, not in parallel."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
@@ -87,11 +167,21 @@ class Llama:
         on the CPU. ckpt_dir: Meta's folder (params.json, consolidated.*.pth), Hugging Face's
         folder (config.json, *.safetensors) or a .gguf file. plan: a llama_lite.devices.FitPlan
         (plan_fit's answer), whose device, dtype, quantize, max_seq_len and batch size are used."""
+        if isinstance(ckpt_dir, str) and not ckpt_dir.strip():
+            raise ValueError("ckpt_dir is an empty string; pass a checkpoint path, or None for the embedded model")
         if plan is not None:
             device, dtype, quantize = plan.device, plan.dtype, plan.quantize
             max_seq_len, max_batch_size = plan.max_seq_len, plan.batch_size
         if seed is not None:
+            check_seed(seed)
             torch.manual_seed(seed)
+        # The tokenizer is found before the weights load, so a missing one fails in milliseconds.
+        if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; tokenizer_path takes the path of a "
+                                    "tokenizer.model (or .gguf) file")
+        if ckpt_dir is not None and tokenizer_path is None and Path(ckpt_dir).is_dir() and \
+                detect_format(Path(ckpt_dir)) in ("meta", "hf"):
+            find_tokenizer_model(Path(ckpt_dir))
         if ckpt_dir is None and device is None:
             device = "cpu"  # the embedded model is the CPU default, even where a GPU exists
         start = time.perf_counter()
@@ -120,8 +210,6 @@ class Llama:
 
     def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> Tuple[int, int, int]:
         params = self.model.params
-        if not prompt_tokens or any(len(t) == 0 for t in prompt_tokens):
-            raise ValueError("empty prompt: every prompt needs at least one token")
         min_len = min(len(t) for t in prompt_tokens)
         max_len = max(len(t) for t in prompt_tokens)
         if max_len >= params.max_seq_len:
@@ -138,8 +226,15 @@ class Llama:
                  top_p: float = 0.9, top_k: Optional[int] = None, logprobs: bool = False, echo: bool = False,
                  use_cache: bool = True) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt until EOS or max_gen_len new tokens. Returns the new tokens
-        (with the prompt if echo) and, if logprobs, each token's log-probability."""
+        (with the prompt if echo) and, if logprobs, each token's log-probability.
+        prompt_tokens: a list of prompts, each a list of integer ids in [0, vocab_size).
+        Thread-safe: holds the model's lock while it runs (see Llama)."""
         check_sampling(temperature, top_p, top_k, max_gen_len)
+        prompt_tokens = check_prompt_tokens(prompt_tokens, self.model.params.vocab_size)
+        with model_lock(self.model):
+            return self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, use_cache)
+
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, use_cache):
         bsz = len(prompt_tokens)
         min_prompt_len, _, total_len = self._prepare(prompt_tokens, max_gen_len)
         device = self.device
@@ -218,12 +313,19 @@ class Llama:
         first finished hypothesis.
 
         Returns the best hypothesis' new tokens (without the prompt and, as generate, without
-        the stop token) and its score.
+        the stop token) and its score. Thread-safe: holds the model's lock while it runs.
         """
-        if prompt_tokens and not isinstance(prompt_tokens[0], int):
+        if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and hasattr(prompt_tokens[0], "__len__") \
+                and getattr(prompt_tokens[0], "ndim", 1) != 0:
             raise ValueError("beam_search takes one prompt, a list of token ids (not a list of prompts)")
         V = self.model.params.vocab_size
         check_beam_search(num_beams, max_gen_len, length_penalty, early_stopping, V, len(self.tokenizer.stop_ids))
+        (prompt_tokens,) = check_prompt_tokens([prompt_tokens], V)
+        with model_lock(self.model):
+            return self._beam_search(prompt_tokens, num_beams, max_gen_len, length_penalty, early_stopping)
+
+    def _beam_search(self, prompt_tokens, num_beams, max_gen_len, length_penalty, early_stopping):
+        V = self.model.params.vocab_size
         if num_beams == 1:
             early_stopping = True  # the one beam stops when it ends: greedy search
         _, prompt_len, total_len = self._prepare([prompt_tokens], max_gen_len)
@@ -312,8 +414,14 @@ class Llama:
                         echo: bool = False) -> List[dict]:
         if isinstance(prompts, str):
             raise TypeError("prompts is a list of strings; wrap a single prompt in a list")
-        if any(not p for p in prompts):
-            raise ValueError("empty prompt: give some text to continue")
+        if isinstance(prompts, dict) or not hasattr(prompts, "__len__") or len(prompts) == 0:
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} is a {type(p).__name__}, not a str: prompts is a list of strings")
+            if not p:
+                raise ValueError(f"empty prompt: prompt {i} is an empty string; give some text to continue")
+        check_sampling(temperature, top_p, top_k, max_gen_len)
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
@@ -329,8 +437,11 @@ class Llama:
     def chat_completion(self, dialogs: List[List[Message]], temperature: float = 0.6, top_p: float = 0.9,
                         top_k: Optional[int] = None, max_gen_len: Optional[int] = None,
                         logprobs: bool = False) -> List[dict]:
-        if dialogs and isinstance(dialogs[0], dict):
+        if isinstance(dialogs, (str, dict)) or not hasattr(dialogs, "__len__") or len(dialogs) == 0:
+            raise ValueError(f"dialogs must be a non-empty list of dialogs (each a list of messages), got {dialogs!r}")
+        if isinstance(dialogs[0], dict):
             raise TypeError("dialogs is a list of dialogs (each a list of messages); wrap a single dialog in a list")
+        check_sampling(temperature, top_p, top_k, max_gen_len)
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode_dialog(d) for d in dialogs]

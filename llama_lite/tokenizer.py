@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -102,7 +103,21 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
     def decode(self, t: Sequence[int]) -> str:
-        t = [int(i) for i in t]
+        """Token ids (integers in [0, n_words)) -> text. Floats and ids outside the vocabulary are
+        refused with a ValueError/TypeError that names the id (not truncated, not skipped)."""
+        if isinstance(t, (str, bytes)) or not hasattr(t, "__iter__"):
+            raise TypeError(f"decode takes a list of token ids, got {type(t).__name__}")
+        n = self.n_words
+        ids = []
+        for x in t:
+            try:
+                x = operator.index(x)
+            except TypeError:
+                raise TypeError(f"token ids must be integers, got {x!r} ({type(x).__name__})") from None
+            if not 0 <= x < n:
+                raise ValueError(f"token id {x} is outside the vocabulary (0 .. {n - 1})")
+            ids.append(x)
+        t = ids
         if self.is_sentencepiece:
             return self.backend.decode(t)
         return self.backend.decode(t, skip_special_tokens=False)
@@ -149,6 +164,8 @@ class Tokenizer:
 def check_dialog(dialog: Sequence[Message]) -> None:
     """Meta's rules: an optional system message first, then user and assistant alternating,
     starting and ending with the user."""
+    if isinstance(dialog, (str, dict)) or not isinstance(dialog, (list, tuple)):
+        raise ValueError(f"a dialog is a list of messages ({{'role': 'user', 'content': ...}}), got {dialog!r}")
     if not dialog:
         raise ValueError("the dialog is empty: give at least one {'role': 'user', 'content': ...} message")
     for i, m in enumerate(dialog):

@@ -216,6 +216,7 @@ def meta_dir(tmp_path_factory):
     p = CONFIGS["gqa"]
     folder = tmp_path_factory.mktemp("bad") / "src"
     write_meta(meta_weights(p, seed=3), p, folder)
+    (folder / "tokenizer.model").write_bytes(b"")  # a placeholder: Llama.build finds it first; never read here
     return folder
 
 
