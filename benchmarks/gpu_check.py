@@ -11,9 +11,10 @@ copy it into the checkout first, e.g. .gpu/llama2-tokenizer.model, and pass that
 Steps, each timed, then one report:
   1. Write a Llama-2-7B-shaped checkpoint with random bf16 weights in Meta's layout and in Hugging
      Face's (benchmarks/synthetic.py), each with the tokenizer.
-  2. Load each with `Llama.build` under the plan `llama_lite.devices.plan_fit` makes for this GPU;
-     print load time, peak GPU memory against the plan's estimate, and the next-token logits of
-     the Meta load and of the HF load against transformers' `LlamaForCausalLM` on the same files.
+  2. Load each with `Llama.build(plan=...)` under the plan `llama_lite.devices.plan_fit` makes for
+     this GPU; print load time, the peak GPU memory of a full-context prefill against the plan's
+     estimate, and the next-token logits of the Meta load and of the HF load against transformers'
+     `LlamaForCausalLM` on the same files.
   3. Execute notebook 07 end to end against the Meta folder (nbclient when installed, else its
      code cells in order in this process), save the executed notebook under --out, and print its
      outputs.
@@ -79,15 +80,6 @@ def environment(device: torch.device) -> None:
         say("transformers not installed: parity steps are skipped")
 
 
-def plan_for(args, device):
-    """The plan notebook 07 follows, if llama_lite.devices has one; else the policy dtype."""
-    try:
-        from llama_lite.devices import plan_fit
-    except ImportError:
-        return None
-    return plan_fit(args, device=device, max_seq_len=min(args.max_seq_len, 4096))
-
-
 def build(folder: Path, device, **kw):
     from llama_lite import Llama
 
@@ -98,24 +90,33 @@ def build(folder: Path, device, **kw):
 def parity(ckpts: dict, device: torch.device, a) -> None:
     from llama_lite.checkpoint import read_model_args
 
+    from llama_lite import Llama
+    from llama_lite.devices import plan_fit
+
     args = read_model_args(ckpts["hf"])
-    plan = plan_for(args, device)
-    if plan is not None:
-        say(f"plan: {plan}")
+    plan = plan_fit(args, device, max_seq_len=min(a.context, args.max_seq_len), dtype=a.dtype)
+    for line in plan.describe().splitlines():
+        say(line)
     logits = {}
     for fmt, folder in ckpts.items():
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
-        llama = build(folder, device, max_seq_len=a.context, dtype=a.dtype)
+        llama = Llama.build(str(folder), plan=plan)
         load_s = time.perf_counter() - t
         prompt = llama.tokenizer.encode("The capital of France is", bos=True, eos=False)
         logits[fmt] = llama.model(torch.tensor([prompt], device=device), 0)[0, -1].float().cpu()
         dtype = llama.model.tok_embeddings.weight.dtype
         line = f"{fmt}: Llama.build {load_s:.1f} s, {dtype}"
         if device.type == "cuda":
-            line += f", peak GPU memory {gib(torch.cuda.max_memory_allocated(device))}"
+            # the plan's worst case is a full-context prefill: run one, then compare the peak with it
+            llama.model.setup_cache(1, plan.max_seq_len)
+            llama.model(torch.randint(0, args.vocab_size, (1, plan.max_seq_len), device=device), 0)
+            llama.model.clear_cache()
+            peak = torch.cuda.max_memory_allocated(device)
+            line += (f"; peak GPU memory after a {plan.max_seq_len}-token prefill {gib(peak)} vs the plan's "
+                     f"estimate {gib(plan.total)} ({peak / plan.total:.0%})")
         say(line)
         del llama
     say(f"Meta-loaded and HF-loaded logits identical: {torch.equal(logits['meta'], logits['hf'])}")
