@@ -196,7 +196,8 @@ def int8_vs_16bit(folder: Path, device: torch.device, a) -> None:
         prompt = min(128, a.context - a.decode_tokens - 1)
         time_prefill_decode(llama.model, 16, 2)  # warm-up
         ttft, itl = time_prefill_decode(llama.model, prompt, a.decode_tokens)
-        line = (f"{quantize or '16-bit'}: weights {model_bytes(llama.model) / 1e9:.2f} GB, TTFT({prompt}) {ttft * 1e3:.1f} ms, "
+        name = quantize or str(llama.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+        line = (f"{name}: weights {model_bytes(llama.model) / 1e9:.2f} GB, TTFT({prompt}) {ttft * 1e3:.1f} ms, "
                 f"inter-token {itl * 1e3:.2f} ms = {1 / itl:.1f} tok/s")
         if device.type == "cuda":
             line += f", peak {gib(torch.cuda.max_memory_allocated(device))}"
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
             run_notebook(HERE.parent / "notebooks" / "07_llama2_7b_gpu.ipynb", a.out,
                          {"LLAMA2_CHECKPOINT": str(ckpts["meta"]), "LLAMA_LITE_FORCE_REAL": "1"})
     if "int8" not in skip:
-        with step("int8 vs 16-bit decode"):
+        with step("int8 vs the plain dtype, decode"):
             int8_vs_16bit(ckpts["meta"], device, a)
     if "decode" not in skip:
         with step("benchmarks/decode_gpu.py"):
