@@ -25,9 +25,11 @@ import torch
 from .config import ModelArgs
 from .kv_cache import kv_cache_bytes
 
+# float64 is for exact reference computations on a CPU (notebook 06 searches toy models exhaustively in it).
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-DTYPE_CHOICES = "float32, float16, bfloat16 (or fp32, fp16, half, bf16)"
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+          "fp64": torch.float64, "double": torch.float64}
+DTYPE_CHOICES = "float32, float16, bfloat16, float64 (or fp32, fp16, half, bf16, fp64, double)"
 GiB = 2 ** 30
 
 
@@ -104,9 +106,9 @@ def default_dtype(device) -> torch.dtype:
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
-    """None -> `default_dtype(device)`; a name or a torch dtype among float32, float16 and
-    bfloat16 -> that dtype; anything else (float64, int8, "float8") -> CheckpointError naming the
-    choices, the same way for a string and for a torch.dtype."""
+    """None -> `default_dtype(device)`; a name or a torch dtype among float32, float16, bfloat16
+    and float64 -> that dtype; anything else (int8, "float8", complex) -> CheckpointError naming
+    the choices, the same way for a string and for a torch.dtype."""
     if dtype is None:
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):

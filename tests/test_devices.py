@@ -82,9 +82,14 @@ def test_dtype_names_and_torch_dtypes(name, expected):
     assert resolve_dtype(name, "cpu") == expected
 
 
-@pytest.mark.parametrize("dtype", ["float64", torch.float64, "double", torch.int8, "int8", "float8", torch.complex64, 3])
+@pytest.mark.parametrize("dtype", ["float64", torch.float64, "double", "fp64"])
+def test_float64_is_accepted_as_a_name_and_as_a_torch_dtype(dtype):
+    assert resolve_dtype(dtype, "cpu") == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8, "int8", "float8", torch.complex64, 3])
 def test_other_dtypes_are_refused_the_same_way(dtype):
-    with pytest.raises(CheckpointError, match="choose one of float32, float16, bfloat16"):
+    with pytest.raises(CheckpointError, match="choose one of float32, float16, bfloat16, float64"):
         resolve_dtype(dtype, "cpu")
 
 
@@ -118,13 +123,13 @@ def test_loading_fails_on_the_device_before_reading_any_file(tmp_path):
     with mock.patch.object(torch.cuda, "is_available", return_value=False):
         with pytest.raises(CheckpointError, match="no CUDA GPU"):
             Llama.build(tmp_path / "nothing-here", device="cuda")
-        with pytest.raises(CheckpointError, match="unknown dtype 'float64'"):
-            Llama.build(tmp_path / "nothing-here", device="cpu", dtype="float64")
+        with pytest.raises(CheckpointError, match="unknown dtype 'float8'"):
+            Llama.build(tmp_path / "nothing-here", device="cpu", dtype="float8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 @pytest.mark.parametrize("flags, message", [(["--device", "cuda"], "no CUDA GPU"),
-                                            (["--dtype", "float64"], "unknown dtype 'float64'")])
+                                            (["--dtype", "float8"], "unknown dtype 'float8'")])
 def test_cli_device_without_cuda_exits_2_with_one_line(flags, message):
     r = subprocess.run([sys.executable, "-m", "llama_lite", "generate", "hello", *flags], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
