@@ -271,17 +271,23 @@ def meta_shards(ckpt_dir: Path) -> list:
     return shards
 
 
+def _read_settings(path: Path, missing: str) -> dict:
+    """A checkpoint's JSON settings file (params.json, config.json) as a dict, or one clear error."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {missing}")
+    try:
+        settings = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(settings).__name__}, not an object of model "
+                              "settings ({\"dim\": ..., ...}); download it again")
+    return settings
+
+
 def meta_model_args(ckpt_dir: Path, shards, **overrides) -> ModelArgs:
     params_path = ckpt_dir / "params.json"
-    if not params_path.is_file():
-        raise CheckpointError(f"{params_path} is missing: Meta's checkpoints come with params.json beside the .pth files")
-    try:
-        params = json.loads(params_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{params_path} is not valid JSON ({e}); download it again") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{params_path} holds a JSON {type(params).__name__}, not an object of model "
-                              "settings ({\"dim\": ..., \"n_layers\": ...}); download it again")
+    params = _read_settings(params_path, "Meta's checkpoints come with params.json beside the .pth files")
     first = _torch_load(shards[0])
     if "tok_embeddings.weight" not in first:
         raise CheckpointError(f"{shards[0]} has no tok_embeddings.weight; is this a Llama checkpoint?")
@@ -372,15 +378,7 @@ def hf_weight_files(ckpt_dir: Path) -> list:
 
 def hf_model_args(ckpt_dir: Path, **overrides) -> ModelArgs:
     config_path = ckpt_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} is missing: Hugging Face checkpoints come with config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON ({e}); download it again") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} holds a JSON {type(config).__name__}, not an object of model "
-                              "settings; download it again")
+    config = _read_settings(config_path, "Hugging Face checkpoints come with config.json")
     try:
         return ModelArgs.from_hf_config(config).replace(**overrides)
     except KeyError as e:
