@@ -10,7 +10,8 @@ bytes themselves. Two paths, chosen per device by `int8_matmul_path` and reporte
 * "int8pack_mm": PyTorch's weight-only int8 kernel, `torch._weight_int8pack_mm(x, w_int8,
   scales)`, which reads 1 byte per weight. It has a CPU kernel (torch >= 2.4) and an MPS one;
   newer torch builds also register a CUDA one. Registered or not is asked of the dispatcher, so
-  whatever torch is installed decides. On CUDA it runs for up to INT8PACK_MAX_ROWS rows (decode
+  whatever torch is installed decides; on CUDA it is also tried once per (GPU, dtype) on a tiny
+  input, and the dequantize path runs where it raises. On CUDA it runs for up to INT8PACK_MAX_ROWS rows (decode
   steps, small batches): its CUDA kernel is a matrix-vector kernel, and a long prefill is
   compute-bound anyway, where the dequantize path's extra traffic is a small price.
 * "dequantize": convert the weight to the activations' dtype and call F.linear: 1 byte read,
@@ -35,17 +36,46 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}
 _PATHS: dict = {}  # device type -> path, filled outside forward so that torch.compile sees a constant
 
 
-def int8_matmul_path(device) -> str:
+def int8_matmul_path(device, dtype=None) -> str:
     """'int8pack_mm' where this torch has a weight-only int8 kernel for the device type, else
-    'dequantize' (see the module's docstring)."""
-    kind = torch.device(device).type
+    'dequantize' (see the module's docstring). On a CUDA GPU a registered kernel may still refuse
+    an activation dtype (float16 on an older GPU such as a T4, sm_75): the first time per
+    (device, dtype) it is tried on a tiny input, and where it raises the dequantize path runs
+    instead. `dtype` is the activations' dtype (float16 when not given); the answer is the
+    path that actually runs."""
+    device = torch.device(device)
+    kind = device.type
     if kind not in _PATHS:
         op = getattr(torch, "_weight_int8pack_mm", None)
         key = _DISPATCH_KEYS.get(kind)
         has = op is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
             "aten::_weight_int8pack_mm", key)
         _PATHS[kind] = "int8pack_mm" if has else "dequantize"
-    return _PATHS[kind]
+    path = _PATHS[kind]
+    if path == "int8pack_mm" and kind == "cuda" and torch.cuda.is_available():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if not _cuda_kernel_runs(device, dtype or torch.float16):
+            return "dequantize"
+    return path
+
+
+_CUDA_PROBES: dict = {}  # (cuda device, activation dtype) -> whether _weight_int8pack_mm runs there
+
+
+def _cuda_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Try the CUDA int8 kernel once per (device, dtype) on a tiny input; remember the answer."""
+    key = (device, dtype)
+    if key not in _CUDA_PROBES:
+        try:
+            x = torch.ones(1, 128, device=device, dtype=dtype)
+            w = torch.ones(64, 128, device=device, dtype=torch.int8)
+            out = torch._weight_int8pack_mm(x, w, torch.ones(64, device=device, dtype=dtype))
+            torch.cuda.synchronize(device)
+            _CUDA_PROBES[key] = bool(out.shape == (1, 64) and (out.float() == 128.0).all())
+        except (RuntimeError, NotImplementedError):
+            _CUDA_PROBES[key] = False
+    return _CUDA_PROBES[key]
 
 
 class Int8Linear(nn.Module):
@@ -55,13 +85,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scale", scale.to(dtype))
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        int8_matmul_path(q.device)  # decided here, outside forward
+        int8_matmul_path(q.device, dtype)  # decided here, outside forward (on CUDA: probed per dtype)
 
     def path(self, x: torch.Tensor) -> str:
         """The path forward takes for this input."""
         path = _PATHS.get(x.device.type) or int8_matmul_path(x.device)
-        if path == "int8pack_mm" and x.device.type == "cuda" and x.numel() // self.in_features > INT8PACK_MAX_ROWS:
-            return "dequantize"
+        if path == "int8pack_mm" and x.device.type == "cuda":
+            if x.numel() // self.in_features > INT8PACK_MAX_ROWS:
+                return "dequantize"
+            if not _CUDA_PROBES.get((x.device, x.dtype)) and not _cuda_kernel_runs(x.device, x.dtype):
+                return "dequantize"  # this GPU's kernel refuses this dtype (tried once, remembered)
         return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
