@@ -1,10 +1,13 @@
-"""CPU decode benchmark (issue 12): SmolLM2-135M, batch 1, greedy, from a fixed prompt.
+"""CPU decode benchmark: SmolLM2-135M, batch 1, greedy, from a fixed prompt.
 
 Runs, interleaved in one process and reporting the median of the repeats:
-  llama_lite eager with KV cache (Llama.generate), llama_lite's fast path (llama_lite.fast)
-  eager and compiled (frozen weights, inductor's C++ GEMMs; compiling takes minutes, once),
-  transformers' generate on the same GGUF weights, llama_lite int8 (weight-only) and, with
-  --bf16, bfloat16; llama_lite without KV cache once (it is quadratic).
+  llama_lite with KV cache (Llama.generate: the CLI's and the notebooks' path), the same
+  model with its blocks compiled (llama_lite.fast; the first call compiles, or loads inductor's
+  on-disk cache), transformers' generate on the same GGUF weights, llama_lite int8
+  (weight-only), bfloat16 (by default only where the CPU has bf16 instructions; --bf16 forces
+  it), llama.cpp on the GGUF file's own quantized weights when llama-cpp-python is installed
+  (the fastest CPU engine, as a peer); llama_lite without KV cache once (it is quadratic).
+Prints the CPU (vector ISA, bf16/AMX/VNNI flags) first.
 Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth rooflines
 (bytes of weights read per token / measured bandwidth: of a copy, reads + writes counted,
 and of a read-only sum), the quality cost of int8/bf16 (perplexity on
@@ -13,7 +16,7 @@ ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
     python benchmarks/decode_cpu.py --quick      # 32 new tokens, 1 repeat
-    python benchmarks/decode_cpu.py --no-compile # skip the compiled fast path
+    python benchmarks/decode_cpu.py --no-compile # skip the compiled model
 """
 import argparse
 import statistics
@@ -33,7 +36,7 @@ def load_seconds(repeats: int) -> dict:
     process also pays one-time imports (gguf, the tokenizer's modules) and lazy initialisation;
     it is reported apart from the median of the next `repeats`."""
     from llama_lite import Llama
-    from llama_lite.checkpoint import _open_gguf, gguf_model_args, smollm2_gguf_path
+    from llama_lite.gguf import _open_gguf, gguf_model_args, smollm2_gguf_path
 
     t = time.perf_counter()
     Llama.build()
@@ -63,19 +66,23 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action="store_true", help="also bf16 (pays only with bf16 matrix units)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 even if the CPU lacks bf16 instructions")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled fast path (minutes to compile)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled model")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if llama-cpp-python is installed")
     args = ap.parse_args(argv)
     n_new = args.tokens or (32 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
     from llama_lite import Llama
-    from llama_lite.checkpoint import smollm2_gguf_path
     from llama_lite.evaluate import perplexity, sample_text
-    from llama_lite.fast import FastDecoder, greedy_generate
+    from llama_lite.fast import compiled_copy
+    from llama_lite.gguf import smollm2_gguf_path
     from llama_lite.quantize import model_bytes
+    from llama_lite.timing import cpu_description
+
+    print(cpu_description())
 
     loads = load_seconds(1 if args.quick else 3)
     bw = copy_bandwidth(1 << 28)  # bytes read + written per second of a 256 MiB copy_ into a preallocated tensor
@@ -94,24 +101,42 @@ def main(argv=None):
         finally:
             llama.tokenizer.stop_ids = saved
 
-    fast_decoder = FastDecoder(fp32.model, 1, len(prompt) + n_new)
-
-    def fast_run(llama=fp32, decoder=fast_decoder):
-        return greedy_generate(llama.model, prompt, n_new, no_stop, decoder=decoder)
-
-    methods = {"llama_lite cached": lambda: eager_run(fp32), "llama_lite fast path": fast_run}
+    methods = {"llama_lite cached": lambda: eager_run(fp32)}
     compile_s = None
     if not args.no_compile:
-        compiled_decoder = FastDecoder(fp32.model, 1, len(prompt) + n_new, compile=True)
+        compiled = Llama(compiled_copy(fp32.model), fp32.tokenizer)
         t = time.perf_counter()
-        fast_run(decoder=compiled_decoder)  # the first call compiles
+        eager_run(compiled)  # the first call compiles (or loads inductor's on-disk cache)
         compile_s = time.perf_counter() - t
-        methods["llama_lite fast, compiled"] = lambda: fast_run(decoder=compiled_decoder)
+        methods["llama_lite compiled"] = lambda: eager_run(compiled)
     int8 = Llama.build(quantize="int8")
     methods["llama_lite int8 cached"] = lambda: eager_run(int8)
-    if args.bf16:
+    native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    bf16 = None
+    if args.bf16 or native_bf16:
         bf16 = Llama.build(dtype=torch.bfloat16)
         methods["llama_lite bf16 cached"] = lambda: eager_run(bf16)
+    llama_cpp = None
+    if not args.no_llama_cpp:
+        try:
+            import llama_cpp
+        except ImportError:
+            print("llama.cpp row skipped: pip install llama-cpp-python to add it")
+        else:
+            gguf = smollm2_gguf_path()
+            llama_cpp = llama_cpp.Llama(str(gguf), n_ctx=len(prompt) + n_new + 8, n_threads=args.threads,
+                                        n_batch=512, verbose=False)
+
+            def cpp_run():
+                llama_cpp.reset()
+                out = []
+                for t in llama_cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
+                    out.append(t)
+                    if len(out) == n_new:
+                        break
+                return out
+
+            methods[f"llama.cpp ({gguf.name.split('.')[-2] if gguf.name.count('.') > 1 else 'GGUF'})"] = cpp_run
     if not args.no_hf:
         import transformers
 
@@ -154,8 +179,10 @@ def main(argv=None):
           f"{weights / 1e6:.0f} MB read per token -> roofline {roofline:.1f} tok/s (copy), {read_roofline:.1f} (read)")
     print(f"{'method':28s} {'tok/s':>8s} {'x transformers':>15s} {'of copy roofline':>17s} {'of read roofline':>17s}")
     for name, v in tps.items():
-        b = weights if "int8" not in name and "bf16" not in name else model_bytes(
-            (int8 if "int8" in name else bf16).model)
+        if name.startswith("llama.cpp"):
+            b = smollm2_gguf_path().stat().st_size  # its quantized weights, as stored in the file
+        else:
+            b = model_bytes((int8 if "int8" in name else bf16 if "bf16" in name else fp32).model)
         print(f"{name:28s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
               f"{v / (read_bw / b):17.0%}")
     un_tps = n_uncached / uncached_s
@@ -163,20 +190,23 @@ def main(argv=None):
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")
     base = outputs["llama_lite cached"]
     print(f"greedy tokens identical: cached vs uncached ({n_uncached}): {base[:n_uncached] == uncached}; "
-          f"fast vs eager: {outputs['llama_lite fast path'] == base}"
-          + (f"; compiled vs eager: {outputs['llama_lite fast, compiled'] == base}" if compile_s else "")
+          + (f"compiled vs eager: {outputs['llama_lite compiled'] == base}" if compile_s else "")
           + (f"; transformers vs llama_lite: {agreement(outputs['transformers generate'], base):.0%} agree"
              if ref else ""))
 
     text = tok.encode(sample_text(), bos=tok.add_bos, eos=False)[:512]
     ppl = perplexity(fp32.model, text)
     print(f"quality on sample_text ({len(text)} tokens): fp32 perplexity {ppl:.3f}")
-    for name, other in [("int8", int8)] + ([("bf16", bf16)] if args.bf16 else []):
+    for name, other in [("int8", int8)] + ([("bf16", bf16)] if bf16 else []):
         print(f"  {name}: weights {model_bytes(other.model) / 1e6:.0f} MB, perplexity "
               f"{perplexity(other.model, text):.3f}, greedy agreement with fp32 "
               f"{agreement(outputs[f'llama_lite {name} cached'], base):.0%}")
+    for name in outputs:
+        if name.startswith("llama.cpp"):
+            print(f"{name}: greedy agreement with llama_lite fp32 {agreement(outputs[name], base):.0%} "
+                  "(its own quantized weights and kernels)")
     if compile_s:
-        print(f"compiled fast path: first call (compiling, {n_new} tokens) {compile_s:.0f} s")
+        print(f"compiled model: first call ({n_new} tokens, compiling or loading inductor's cache) {compile_s:.0f} s")
     print(f"GGUF -> ready model: {loads['total']:.2f} s (of which parsing the GGUF {loads['parse']:.2f} s); "
           f"the process's first load, with one-time imports: {loads['first']:.2f} s")
 

@@ -2,8 +2,8 @@
 
 Prefill a prompt (2,048 tokens by default), then greedy-decode, with
   - llama_lite eager (Transformer.forward with its KV cache),
-  - llama_lite's fast path (llama_lite.fast: static cache, attention over the filled length,
-    torch.compile(mode="reduce-overhead") of the decode step),
+  - the same model with its blocks compiled (llama_lite.fast.compile_model; the first run,
+    untimed, compiles),
   - transformers' LlamaForCausalLM eager on the same weights (its own generate loop),
 interleaved in one run. Prints decode tok/s, the ratio to transformers, the fraction of the
 bandwidth roofline (weight bytes per token / measured copy bandwidth), prefill MFU and peak
@@ -44,14 +44,13 @@ def build(args, device, dtype):
         model = Transformer(margs)
     for p in model.parameters():  # small random weights keep bf16 activations finite
         torch.nn.init.normal_(p, std=0.02)
-    model.freqs_cis = model.freqs_cis.to(device)
     return model.to(dtype).eval()
 
 
 @torch.inference_mode()
 def greedy(first, step, n):
     """n greedy tokens: first() gives the prompt's last logits (1, vocab), step(token, i) those
-    after the i-th new token. The last token is not fed back, as in llama_lite.fast.greedy_generate."""
+    after the i-th new token. The last token is not fed back."""
     logits, out = first(), []
     for i in range(n):
         tok = logits.argmax(-1, keepdim=True)  # (1, 1)
@@ -102,24 +101,24 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=None, help="prompt tokens (2048; --tiny: 32)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens (256; --tiny: 16)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled model")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args(argv)
     args.prefill = args.prefill or (32 if args.tiny else 2048)
     args.tokens = args.tokens or (16 if args.tiny else 256)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    compile_ = not args.no_compile and device.type == "cuda"
 
-    from llama_lite.fast import FastDecoder, greedy_generate
+    from llama_lite.fast import compiled_copy
 
     model = build(args, device, dtype)
     torch.manual_seed(1)
     prompt = torch.randint(0, model.params.vocab_size, (1, args.prefill), device=device)
-    decoder = FastDecoder(model, 1, args.prefill + args.tokens, compile=compile_)
-    runs = {"llama_lite eager": lambda: eager_decode(model, prompt, args.tokens),
-            "llama_lite fast" + (" (compiled)" if compile_ else ""): lambda: greedy_generate(
-                model, prompt[0].tolist(), args.tokens, decoder=decoder)}
+    runs = {"llama_lite eager": lambda: eager_decode(model, prompt, args.tokens)}
+    if not args.no_compile:
+        compiled = compiled_copy(model, **({"mode": args.compile_mode} if args.compile_mode else {}))
+        runs["llama_lite compiled"] = lambda: eager_decode(compiled, prompt, args.tokens)
     if not args.no_hf:
         hf = to_hf(model)
         runs["transformers eager"] = lambda: hf_decode(hf, prompt, args.tokens)
@@ -136,15 +135,17 @@ def main(argv=None):
             sync(device)
             times[k].append(time.perf_counter() - t)
 
-    # Prefill alone (the fast path's eager prefill), for MFU.
+    # Prefill alone (eager), for MFU.
     prefill_s = []
+    model.setup_cache(1, args.prefill)
     for _ in range(args.repeats):
         sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
-            decoder.prefill(prompt)
+            model(prompt, 0)
         sync(device)
         prefill_s.append(time.perf_counter() - t)
+    model.clear_cache()
     prefill_s = statistics.median(prefill_s)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -169,7 +170,7 @@ def main(argv=None):
         print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     names = list(outs)
     same = all(outs[k] == outs[names[0]] for k in names[1:2])
-    print(f"greedy tokens: fast == eager: {same}"
+    print(f"greedy tokens: compiled == eager: {same}"
           + (f"; transformers == eager: {outs.get('transformers eager') == outs[names[0]]}" if ref else ""))
     return tps, outs
 

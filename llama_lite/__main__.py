@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--max-seq-len", type=int, default=None)
         s.add_argument("--quantize", choices=["int8"], default=None,
                        help="int8 weights (half of bf16's memory: a 7B on a 16 GB GPU)")
+        s.add_argument("--compile", action="store_true",
+                       help="torch.compile the model's blocks: the first run waits for the compiler (tens of "
+                            "seconds on a CPU), later runs reuse its on-disk cache")
         s.add_argument("--stats", action="store_true", help="print load time and tokens/s to stderr")
         if name == "chat":
             s.add_argument("--system", default=None, help="a system prompt")
@@ -93,8 +96,12 @@ def main(argv=None) -> int:
         _check_before_loading(args)
         if args.device is not None or args.dtype is not None:  # checked before anything is loaded
             resolve_dtype(args.dtype, resolve_device(args.device or ("cpu" if args.checkpoint is None else None)))
+        if args.compile and tp:
+            raise ValueError("--compile is for one process; under torchrun the sharded model runs eagerly")
+        extra = dict(compile=True) if args.compile else {}
         llama = build(args.checkpoint, args.tokenizer, max_seq_len=args.max_seq_len, device=args.device,
-                      dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None, quantize=args.quantize)
+                      dtype=args.dtype, seed=args.seed, progress=args.checkpoint is not None, quantize=args.quantize,
+                      **extra)
         tok = llama.tokenizer
         if args.command == "generate":
             if not args.prompt:

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: Optional[int]) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int | None) -> torch.Tensor:
     """logits (bsz, vocab) -> next token ids (bsz,). temperature 0 is greedy."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
@@ -59,7 +59,7 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_sampling(temperature: float, top_p: float, top_k: Optional[int], max_gen_len: Optional[int]) -> None:
+def check_sampling(temperature: float, top_p: float, top_k: int | None, max_gen_len: int | None) -> None:
     """The sampling settings' rules, checked before any work:
     temperature is 0 (greedy) or a finite number >= MIN_TEMPERATURE (0.001): smaller positive
     values would divide the logits into inf/nan, and their limit is greedy anyway, so pass 0;
@@ -80,7 +80,7 @@ def check_sampling(temperature: float, top_p: float, top_k: Optional[int], max_g
         raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
 
 
-def check_prompt_tokens(prompt_tokens, vocab_size: int) -> List[List[int]]:
+def check_prompt_tokens(prompt_tokens, vocab_size: int) -> list[list[int]]:
     """A list of prompts, each a non-empty list of integer token ids in [0, vocab_size);
     returns them as plain lists of ints. Floats are refused, not truncated."""
     if isinstance(prompt_tokens, (str, bytes, dict)) or not hasattr(prompt_tokens, "__len__"):
@@ -109,6 +109,20 @@ def check_prompt_tokens(prompt_tokens, vocab_size: int) -> List[List[int]]:
     return out
 
 
+def generation_lengths(prompt_tokens: Sequence[Sequence[int]], max_gen_len: int,
+                       max_seq_len: int) -> tuple[int, int, int]:
+    """(shortest prompt, longest prompt, total length) of a generation; as Meta's reference, it
+    stops at the context's end."""
+    min_len = min(len(t) for t in prompt_tokens)
+    max_len = max(len(t) for t in prompt_tokens)
+    if max_len >= max_seq_len:
+        raise ValueError(
+            f"the prompt is {max_len} tokens but the model's context (max_seq_len) is {max_seq_len}, "
+            "leaving no room to generate; shorten the prompt"
+        )
+    return min_len, max_len, min(max_seq_len, max_gen_len + max_len)
+
+
 # One lock per model: generation installs its KV cache on the model, so two calls on one model
 # at once would overwrite each other's cache. Keyed weakly, and not an attribute of the model,
 # so copy.deepcopy(model) and pickling keep working.
@@ -122,26 +136,6 @@ def model_lock(model) -> threading.Lock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.Lock()
         return lock
-
-
-def check_beam_search(num_beams: int, max_gen_len: int, length_penalty: float, early_stopping, vocab_size: int,
-                      n_stop: int = 1) -> None:
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1 (1 is greedy), got {num_beams!r}")
-    if num_beams > vocab_size:
-        raise ValueError(f"num_beams={num_beams} is larger than the vocabulary ({vocab_size} tokens): the first "
-                         "step could not give every beam its own token; use fewer beams")
-    if max(2, 1 + n_stop) > vocab_size:
-        # each step ranks max(2, 1 + n_stop) x num_beams extensions out of num_beams x vocab_size
-        raise ValueError(f"a vocabulary of {vocab_size} is too small for beam search with {n_stop} stop token(s)")
-    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
-            not float("-inf") < length_penalty < float("inf"):
-        raise ValueError(f"length_penalty must be a finite number (1.0 averages log-probabilities over the "
-                         f"length, 0.0 sums them), got {length_penalty!r}")
-    if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
-        raise ValueError(f"early_stopping must be True, False or 'never' (as transformers), got {early_stopping!r}")
 
 
 def check_seed(seed) -> None:
@@ -160,13 +154,15 @@ class Llama:
         self.tokenizer = tokenizer
 
     @staticmethod
-    def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: Optional[int] = None, max_batch_size: int = 1,
-              device=None, dtype=None, seed: Optional[int] = None, progress: bool = False,
-              quantize: Optional[str] = None, plan=None) -> "Llama":
+    def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: int | None = None, max_batch_size: int = 1,
+              device=None, dtype=None, seed: int | None = None, progress: bool = False,
+              quantize: str | None = None, plan=None, compile: bool = False) -> Llama:
         """Load a checkpoint and its tokenizer. No arguments: the embedded SmolLM2-135M-Instruct
         on the CPU. ckpt_dir: Meta's folder (params.json, consolidated.*.pth), Hugging Face's
         folder (config.json, *.safetensors) or a .gguf file. plan: a llama_lite.devices.FitPlan
-        (plan_fit's answer), whose device, dtype, quantize, max_seq_len and batch size are used."""
+        (plan_fit's answer), whose device, dtype, quantize, max_seq_len and batch size are used.
+        compile: compile the model's blocks (llama_lite.fast.compile_model); the first
+        generation then waits for the compiler, later ones (and later processes) do not."""
         if isinstance(ckpt_dir, str) and not ckpt_dir.strip():
             raise ValueError("ckpt_dir is an empty string; pass a checkpoint path, or None for the embedded model")
         if plan is not None:
@@ -200,6 +196,10 @@ class Llama:
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "
                 f"{model.params.vocab_size}: they come from different models"
             )
+        if compile:
+            from .fast import compile_model  # imports torch's compiler stack: only when asked
+
+            compile_model(model)
         llama = Llama(model, tokenizer)
         llama.load_seconds = time.perf_counter() - start
         return llama
@@ -208,23 +208,10 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
-    def _prepare(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int) -> Tuple[int, int, int]:
-        params = self.model.params
-        min_len = min(len(t) for t in prompt_tokens)
-        max_len = max(len(t) for t in prompt_tokens)
-        if max_len >= params.max_seq_len:
-            raise ValueError(
-                f"the prompt is {max_len} tokens but the model's context (max_seq_len) is {params.max_seq_len}, "
-                "leaving no room to generate; shorten the prompt"
-            )
-        # As Meta's reference: generation stops at the context's end.
-        total_len = min(params.max_seq_len, max_gen_len + max_len)
-        return min_len, max_len, total_len
-
     @torch.inference_mode()
-    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6,
-                 top_p: float = 0.9, top_k: Optional[int] = None, logprobs: bool = False, echo: bool = False,
-                 use_cache: bool = True) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, top_k: int | None = None, logprobs: bool = False, echo: bool = False,
+                 use_cache: bool = True) -> tuple[list[list[int]], list[list[float]] | None]:
         """Continue each prompt until EOS or max_gen_len new tokens. Returns the new tokens
         (with the prompt if echo) and, if logprobs, each token's log-probability.
         prompt_tokens: a list of prompts, each a list of integer ids in [0, vocab_size).
@@ -236,7 +223,7 @@ class Llama:
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, use_cache):
         bsz = len(prompt_tokens)
-        min_prompt_len, _, total_len = self._prepare(prompt_tokens, max_gen_len)
+        min_prompt_len, _, total_len = generation_lengths(prompt_tokens, max_gen_len, self.model.params.max_seq_len)
         device = self.device
         tokens = torch.full((bsz, total_len), self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else 0,
                             dtype=torch.long, device=device)
@@ -294,124 +281,18 @@ class Llama:
             out_logprobs.append(probs)
         return out_tokens, (out_logprobs if logprobs else None)
 
-    @torch.inference_mode()
     def beam_search(self, prompt_tokens: Sequence[int], num_beams: int, max_gen_len: int,
-                    length_penalty: float = 1.0, early_stopping: "bool | str" = False) -> Tuple[List[int], float]:
-        """Beam search over one prompt, as transformers' generate(num_beams=k, do_sample=False).
+                    length_penalty: float = 1.0, early_stopping: bool | str = False) -> tuple[list[int], float]:
+        """Beam search over one prompt (llama_lite.beam_search.beam_search), stopping at this
+        tokenizer's stop ids. Returns the best hypothesis' new tokens and its score."""
+        from .beam_search import beam_search  # it builds on this module's checks: imported here, one-way
 
-        All k beams run as one batch of k rows: the prompt is prefilled once, its keys and
-        values copied to every row of the static KV cache, and after each step the cache rows
-        are reordered (KVCache.reorder) so each surviving beam carries its parent's past.
-        Each step ranks the 2k best (beam, token) extensions by summed log-probability; the
-        best k that do not end in EOS keep running, and those among the top k that end in EOS
-        (or reach max_gen_len) become finished hypotheses scored
-        sum(log p) / generated_len ** length_penalty (generated_len counts the EOS token).
-        early_stopping: True stops when k hypotheses are finished; False (transformers' default)
-        also stops when the best running beam, scored at its current length, cannot beat the
-        worst finished one; "never" estimates that bound at max length when length_penalty > 0.
-        num_beams=1 is greedy search (as generate(num_beams=1)): one beam that stops at its
-        first finished hypothesis.
+        return beam_search(self.model, prompt_tokens, num_beams, max_gen_len, self.tokenizer.stop_ids,
+                           self.tokenizer.pad_id, length_penalty, early_stopping)
 
-        Returns the best hypothesis' new tokens (without the prompt and, as generate, without
-        the stop token) and its score. Thread-safe: holds the model's lock while it runs.
-        """
-        if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and hasattr(prompt_tokens[0], "__len__") \
-                and getattr(prompt_tokens[0], "ndim", 1) != 0:
-            raise ValueError("beam_search takes one prompt, a list of token ids (not a list of prompts)")
-        V = self.model.params.vocab_size
-        check_beam_search(num_beams, max_gen_len, length_penalty, early_stopping, V, len(self.tokenizer.stop_ids))
-        (prompt_tokens,) = check_prompt_tokens([prompt_tokens], V)
-        with model_lock(self.model):
-            return self._beam_search(prompt_tokens, num_beams, max_gen_len, length_penalty, early_stopping)
-
-    def _beam_search(self, prompt_tokens, num_beams, max_gen_len, length_penalty, early_stopping):
-        V = self.model.params.vocab_size
-        if num_beams == 1:
-            early_stopping = True  # the one beam stops when it ends: greedy search
-        _, prompt_len, total_len = self._prepare([prompt_tokens], max_gen_len)
-        k, device = num_beams, self.device
-        stop = torch.tensor(self.tokenizer.stop_ids, device=device)
-        n_cand = max(2, 1 + len(self.tokenizer.stop_ids)) * k  # enough that k of them do not end
-        top_k_mask = torch.arange(n_cand, device=device) < k  # only these may finish a hypothesis
-        NEG = -1.0e9
-
-        # Running beams (k, total_len) and their summed log-probs; all but beam 0 start at -1e9
-        # so the first step expands the prompt once, not k times.
-        running = torch.full((k, total_len), max(self.tokenizer.pad_id, 0), dtype=torch.long, device=device)
-        running[:, :prompt_len] = torch.tensor(prompt_tokens, dtype=torch.long, device=device)
-        running_scores = torch.zeros(k, device=device)
-        running_scores[1:] = NEG
-        # Finished hypotheses: k slots, sorted by score, -1e9 while empty.
-        finished = running.clone()
-        finished_scores = torch.full((k,), NEG, device=device)
-        finished_len = torch.zeros(k, dtype=torch.long, device=device)
-        is_finished = torch.zeros(k, dtype=torch.bool, device=device)
-        improvable = True  # can a running beam still beat the worst finished hypothesis?
-
-        self.model.setup_cache(k, total_len)
-        try:
-            logits = self.model(running[:1, :prompt_len], 0)[:, -1]  # prefill once: (1, vocab)
-            for cache in self.model.caches:  # every beam starts from the prompt's keys and values
-                cache.reorder(torch.zeros(k, dtype=torch.long, device=device))
-            logits = logits.expand(k, V)
-            cur_len = prompt_len
-            while True:
-                # (k, vocab) log p of each extension, plus its beam's score, ranked across beams
-                scores = (torch.log_softmax(logits.float(), dim=-1) + running_scores[:, None]).reshape(1, -1)
-                cand_scores, cand = torch.topk(scores, n_cand)
-                cand_scores, cand = cand_scores[0], cand[0]
-                parent, token = cand // V, cand % V
-                cand_seqs = running[parent]
-                cand_seqs[:, cur_len] = token
-                ends = torch.isin(token, stop) | (cur_len + 1 >= total_len)
-
-                # the k best candidates that do not end keep running
-                alive_scores = cand_scores + ends.to(torch.float32) * NEG
-                keep = torch.topk(alive_scores, k).indices
-                running, running_scores, beam_parent = cand_seqs[keep], alive_scores[keep], parent[keep]
-
-                # those of the top k that end join the finished hypotheses if they rank
-                gen_len = cur_len + 1 - prompt_len
-                just_ended = ends & top_k_mask
-                new_scores = cand_scores / (gen_len ** length_penalty)
-                new_scores = new_scores + float(bool(is_finished.all()) and early_stopping is True) * NEG
-                new_scores = new_scores + float(not improvable) * NEG
-                new_scores = new_scores + (~just_ended) * NEG
-                merged_scores = torch.cat([finished_scores, new_scores])
-                best = torch.topk(merged_scores, k).indices
-                finished = torch.cat([finished, cand_seqs])[best]
-                finished_scores = merged_scores[best]
-                finished_len = torch.cat([finished_len, torch.full_like(cand, gen_len)])[best]
-                is_finished = torch.cat([is_finished, just_ended])[best]
-                cur_len += 1
-
-                # stop when no running beam can improve on the finished ones (transformers' heuristic)
-                if early_stopping == "never" and length_penalty > 0.0:
-                    best_len = total_len - prompt_len
-                else:
-                    best_len = cur_len - prompt_len
-                best_possible = running_scores[:1] / (best_len ** length_penalty)
-                worst_finished = torch.where(is_finished, finished_scores.min(), NEG)
-                improvable = improvable and bool((best_possible > worst_finished).any())
-                all_done = bool(is_finished.all()) and early_stopping is True
-                if not improvable or all_done or bool(ends.all()):
-                    break
-
-                for cache in self.model.caches:  # each surviving beam takes its parent's past
-                    cache.reorder(beam_parent)
-                logits = self.model(running[:, cur_len - 1: cur_len], cur_len - 1)[:, -1]
-        finally:
-            self.model.clear_cache()
-
-        n = int(finished_len[0])
-        out = finished[0, prompt_len: prompt_len + n].tolist()
-        if out and out[-1] in self.tokenizer.stop_ids:
-            out = out[:-1]
-        return out, float(finished_scores[0])
-
-    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        top_k: Optional[int] = None, max_gen_len: Optional[int] = None, logprobs: bool = False,
-                        echo: bool = False) -> List[dict]:
+    def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
+                        top_k: int | None = None, max_gen_len: int | None = None, logprobs: bool = False,
+                        echo: bool = False) -> list[dict]:
         if isinstance(prompts, str):
             raise TypeError("prompts is a list of strings; wrap a single prompt in a list")
         if isinstance(prompts, dict) or not hasattr(prompts, "__len__") or len(prompts) == 0:
@@ -434,9 +315,9 @@ class Llama:
             out.append(item)
         return out
 
-    def chat_completion(self, dialogs: List[List[Message]], temperature: float = 0.6, top_p: float = 0.9,
-                        top_k: Optional[int] = None, max_gen_len: Optional[int] = None,
-                        logprobs: bool = False) -> List[dict]:
+    def chat_completion(self, dialogs: list[list[Message]], temperature: float = 0.6, top_p: float = 0.9,
+                        top_k: int | None = None, max_gen_len: int | None = None,
+                        logprobs: bool = False) -> list[dict]:
         if isinstance(dialogs, (str, dict)) or not hasattr(dialogs, "__len__") or len(dialogs) == 0:
             raise ValueError(f"dialogs must be a non-empty list of dialogs (each a list of messages), got {dialogs!r}")
         if isinstance(dialogs[0], dict):

@@ -1,5 +1,5 @@
 """The assembled Transformer: the components of notebooks 01-05 stacked as Llama-2 stacks them."""
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -13,15 +13,15 @@ from .positions import precompute_freqs_cis
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, freqs_cis, mask):
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
         # Pre-norm: each sub-layer sees a normalized input, and the residual stream itself is
         # never normalized, so gradients reach early layers undamped (notebook 01).
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
@@ -32,27 +32,25 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         self.params = params
-        self.vocab_size = params.vocab_size
-        self.n_layers = params.n_layers
         self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         if params.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer: Module.to(bfloat16) would cast a complex buffer to
-        # real and silently drop the imaginary part. Twice max_seq_len, as Meta's reference.
-        # Computed on the CPU even when the model is built on the meta device to be loaded
-        # (a small table; forward moves it to the activations' device).
+        # real and silently drop the imaginary part. One row per position forward accepts
+        # (Meta's reference makes twice as many, for fine-tuning past max_seq_len). Computed on
+        # the CPU even when the model is built on the meta device to be loaded (a small table;
+        # forward moves it to the activations' device, the one place that knows it).
         with torch.device("cpu"):
-            self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+            self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len, params.rope_theta)
 
     # -- KV cache -------------------------------------------------------------------------
-    def setup_cache(self, max_batch_size: Optional[int] = None, max_seq_len: Optional[int] = None,
-                    dtype: Optional[torch.dtype] = None, device=None) -> None:
+    def setup_cache(self, max_batch_size: int = 1, max_seq_len: int | None = None,
+                    dtype: torch.dtype | None = None, device=None) -> None:
         """Give every attention layer a static KV cache; forward then attends over the past."""
         p = self.params
-        max_batch_size = max_batch_size or p.max_batch_size
         max_seq_len = max_seq_len or p.max_seq_len
         weight = self.tok_embeddings.weight
         dtype = dtype or weight.dtype
@@ -65,7 +63,7 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     @property
-    def caches(self) -> list:
+    def caches(self) -> list[KVCache]:
         return [layer.attention.cache for layer in self.layers if layer.attention.cache is not None]
 
     # -- forward --------------------------------------------------------------------------
@@ -85,7 +83,7 @@ class Transformer(nn.Module):
                 "shorten the prompt or build with a larger max_seq_len"
             )
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        self.freqs_cis = self.freqs_cis.to(h.device)
+        self.freqs_cis = self.freqs_cis.to(h.device)  # a no-op once it is there
         freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen]
 
         mask = None

@@ -3,8 +3,10 @@
 Decoding one token reads every weight once, so the memory bandwidth divided by the bytes of
 weights (plus the KV cache read) bounds tokens/s from above: the roofline of notebooks 03 and 07.
 """
+from __future__ import annotations
+
 import time
-from typing import Tuple
+
 
 import torch
 
@@ -49,7 +51,7 @@ def read_bandwidth(nbytes: int = 1 << 28, device="cpu", repeats: int = 5) -> flo
 
 
 @torch.inference_mode()
-def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 0) -> Tuple[float, float]:
+def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 0) -> tuple[float, float]:
     """Seconds to first token (prefill of prompt_len random tokens + picking one) and mean
     seconds per later token (inter-token latency, greedy with the KV cache), batch 1."""
     device = model.tok_embeddings.weight.device
@@ -70,3 +72,27 @@ def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 
     finally:
         model.clear_cache()
     return ttft, itl
+
+
+def cpu_description() -> str:
+    """The CPU in one line: model name, cores torch uses, the vector ISA torch's kernels picked
+    (torch.backends.cpu.get_cpu_capability) and the matrix/bf16/int8 extensions the CPU reports,
+    so figures from two machines can be compared."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass  # not Linux: the name and torch's capability only
+    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
+                  if f in flags]
+    return (f"{name}; {torch.get_num_threads()} threads; torch {torch.__version__} kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()}" + (f"; CPU flags: {' '.join(extensions)}" if extensions else ""))
