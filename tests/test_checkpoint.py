@@ -20,7 +20,8 @@ import torch
 
 from conftest import ROOT
 from llama_lite import Llama
-from llama_lite.checkpoint import CheckpointError, load_checkpoint
+from llama_lite.checkpoint import load_checkpoint
+from llama_lite.devices import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -170,7 +171,7 @@ def test_meta_and_hf_load_the_same_weights(checkpoints):
 def test_hf_state_dict_equals_transformers_converter(checkpoints):
     """hf_state_dict (used to build every transformers reference in tests and benchmarks) gives
     exactly the tensors that transformers' own converter permutation put in the HF folder."""
-    from llama_lite.checkpoint import hf_state_dict
+    from llama_lite.hf import hf_state_dict
 
     model, _ = load_checkpoint(checkpoints["meta"], device="cpu", dtype=torch.float32)
     ours = hf_state_dict(model)
