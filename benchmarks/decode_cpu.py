@@ -36,18 +36,18 @@ def load_seconds(repeats: int) -> dict:
     process also pays one-time imports (gguf, the tokenizer's modules) and lazy initialisation;
     it is reported apart from the median of the next `repeats`."""
     from llama_lite import Llama
-    from llama_lite.gguf import _open_gguf, gguf_model_args, smollm2_gguf_path
+    from llama_lite.gguf import clear_gguf_cache, gguf_model_args, open_gguf, smollm2_gguf_path
 
     t = time.perf_counter()
     Llama.build()
     first = time.perf_counter() - t
     path, parse, total = smollm2_gguf_path(), [], []
     for _ in range(repeats):
-        _open_gguf.cache_clear()
+        clear_gguf_cache()
         t = time.perf_counter()
-        gguf_model_args(_open_gguf(path.resolve()))
+        gguf_model_args(open_gguf(path))
         parse.append(time.perf_counter() - t)
-        _open_gguf.cache_clear()
+        clear_gguf_cache()
         t = time.perf_counter()
         Llama.build()
         total.append(time.perf_counter() - t)

@@ -80,10 +80,10 @@ def to_hf(model):
     """transformers' LlamaForCausalLM with the same weights (W_q, W_k rows to rotate-half)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_lite.checkpoint import hf_state_dict
+    from llama_lite.hf import hf_config, hf_state_dict
 
     a = model.params
-    cfg = LlamaConfig(**a.to_hf_config(), attn_implementation="sdpa")
+    cfg = LlamaConfig(**hf_config(a), attn_implementation="sdpa")
     w = model.tok_embeddings.weight
     with torch.device(w.device):
         hf = LlamaForCausalLM(cfg).to(w.dtype).eval()

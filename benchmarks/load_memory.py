@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llama_lite import ModelArgs, Transformer
-from llama_lite.checkpoint import hf_state_dict
+from llama_lite.hf import hf_config, hf_state_dict
 
 # Meta's model-parallel layout: each matrix is split along one dimension, norms are replicated.
 # (Written out here, not imported from the loader, so that a mistake there cannot cancel itself.)
@@ -79,7 +79,7 @@ def write_hf(sd: dict, args: ModelArgs, folder: Path, n_shards: int = 2) -> Path
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**args.to_hf_config(), "torch_dtype": "bfloat16"}
+    config = {**hf_config(args), "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config))
     hf = {k: v.contiguous() for k, v in hf_state_dict(sd, args).items()}
     names = list(hf)

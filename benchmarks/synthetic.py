@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from llama_lite import ModelArgs, Transformer
-from llama_lite.checkpoint import hf_state_dict
+from llama_lite.hf import hf_config, hf_state_dict
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2-tokenizer.model"
 
@@ -72,7 +72,7 @@ def write_hf(args: ModelArgs, folder: Path, tokenizer: Path = TOKENIZER, shard_g
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**args.to_hf_config(), "torch_dtype": "bfloat16"}))
+    (folder / "config.json").write_text(json.dumps({**hf_config(args), "torch_dtype": "bfloat16"}))
     all_shapes = shapes(args)
     groups, current, size = [], [], 0
     for name, shape in all_shapes.items():

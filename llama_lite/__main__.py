@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
-    from .checkpoint import CheckpointError
-    from .devices import resolve_device, resolve_dtype
+    from .devices import CheckpointError, resolve_device, resolve_dtype
     from .generation import Llama
 
     # Under torchrun (WORLD_SIZE > 1) the model is split over the processes (notebook 08); rank 0 prints.

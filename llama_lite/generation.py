@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import detect_format, find_tokenizer_model, load_checkpoint, open_gguf
+from .checkpoint import detect_format, find_tokenizer_model, load_checkpoint
+from .gguf import open_gguf
 from .model import Transformer
 from .tokenizer import Message, Tokenizer
 

@@ -15,33 +15,37 @@ Megatron-style tensor parallelism, written with PyTorch's own API
   projection can share the same shard. The output projection is column-parallel with gathered
   logits, so every rank sees the full logits and picks the same next token.
 
-Loading: each rank reads only the slices it owns (memory maps: Meta's .pth via torch.load(mmap=True),
-Hugging Face's via safetensors' get_slice). Meta's N-shard checkpoint on N ranks: rank r reads the
-weights of consolidated.r.pth only, whose tensors are exactly its slices (the split dimensions here
-are Meta's); every rank also reads params.json and the tensor shapes in shard 0's header.
-GGUF (the embedded SmolLM2) is block-quantized, so each rank dequantizes a tensor and keeps its slice.
+Loading: each rank reads only the slices it owns, through its format's slice reader
+(checkpoint.meta_slice_reader, hf.hf_slice_reader, gguf.gguf_slice_reader: each says how).
 
 Run: torchrun --nproc-per-node N -m llama_lite generate "..." (gloo on CPUs, NCCL on GPUs).
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import atexit
 import os
 import socket
 import subprocess
 import sys
+import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import detect_format, empty_model, find_tokenizer_model, meta_slice_reader, read_model_args
 from .config import ModelArgs
+from .devices import resolve_dtype
+from .generation import Llama
+from .gguf import gguf_slice_reader, open_gguf, smollm2_gguf_path
+from .hf import hf_slice_reader
 from .kv_cache import KVCache
 from .model import Transformer
+from .tokenizer import Tokenizer
 
 # Which dimension of each weight is split across ranks (None: every rank holds all of it).
 # Column-parallel weights (out_features, in_features) split dim 0, row-parallel ones dim 1.
@@ -73,13 +77,13 @@ def check_world_size(args: ModelArgs, world_size: int) -> None:
             raise ValueError(f"the {what} ({size}) does not split equally over {world_size} processes")
 
 
-def local_heads(args: ModelArgs, world_size: int) -> Tuple[int, int]:
+def local_heads(args: ModelArgs, world_size: int) -> tuple[int, int]:
     """(query heads, key/value heads) on each rank; kv heads are replicated when world_size > n_kv_heads."""
     check_world_size(args, world_size)
     return args.n_heads // world_size, max(1, args.n_kv_heads // world_size)
 
 
-def shard_dim(name: str, args: ModelArgs) -> Optional[int]:
+def shard_dim(name: str, args: ModelArgs) -> int | None:
     """The dimension along which parameter `name` is split (None: replicated)."""
     if name == "tok_embeddings.weight":
         return 0 if args.tie_embeddings else 1  # tied: the vocabulary, shared with the output's rows
@@ -93,14 +97,14 @@ def shard_dim(name: str, args: ModelArgs) -> Optional[int]:
     return None  # norms
 
 
-def _chunk(size: int, world_size: int, rank: int) -> Tuple[int, int]:
+def _chunk(size: int, world_size: int, rank: int) -> tuple[int, int]:
     """[start, stop) of rank's piece in torch.chunk(size, world_size): DTensor's Shard layout."""
     step = -(-size // world_size)
     start = min(rank * step, size)
     return start, min(start + step, size)
 
 
-def local_slice(name: str, shape, args: ModelArgs, world_size: int, rank: int) -> Tuple[Optional[int], int, int, tuple]:
+def local_slice(name: str, shape, args: ModelArgs, world_size: int, rank: int) -> tuple[int | None, int, int, tuple]:
     """(dim, start, stop, global shape) of the original tensor `name` of `shape` that rank holds.
     For W_k/W_v with more ranks than kv heads, the rows of the one kv head this rank's query heads
     read, and the global (logical) shape is that of the replicated matrix (world_size kv heads)."""
@@ -123,11 +127,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device_type: Optional[str] = None):
+def init_distributed(device_type: str | None = None):
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT); NCCL on GPUs,
     gloo on CPUs. Returns a 1-D DeviceMesh over all ranks and this rank's device."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -225,13 +225,6 @@ def _fill(model: Transformer, read: Callable, mesh, device, dtype) -> Transforme
     return _localize(model, mesh).eval()
 
 
-def _meta_model(args: ModelArgs) -> Transformer:
-    from .checkpoint import _SkipInit
-
-    with torch.device("meta"), _SkipInit():
-        return Transformer(args)
-
-
 def shard_model(model: Transformer, mesh, device=None, dtype=None) -> Transformer:
     """A tensor-parallel copy of a full model that every rank holds (tests, small demos)."""
     state = dict(model.named_parameters())
@@ -243,92 +236,13 @@ def shard_model(model: Transformer, mesh, device=None, dtype=None) -> Transforme
         t = state[name]
         return t if dim is None else t.narrow(dim, start, stop - start)
 
-    new = _meta_model(model.params)
-    return _fill(new, read, mesh, device, dtype)
+    return _fill(empty_model(model.params), read, mesh, device, dtype)
 
 
-# -- readers: each rank reads only its slices ----------------------------------------------------
-def _meta_reader(path: Path, args: ModelArgs, rank: int, world_size: int):
-    from .checkpoint import _meta_cat_dim, _torch_load, meta_shards
-
-    shards = meta_shards(path)
-    files_read = set()
-
-    @functools.lru_cache(maxsize=None)
-    def opened(i):  # mmap: a shard is opened only when one of its slices is needed
-        files_read.add(shards[i].name)
-        return _torch_load(shards[i])
-
-    n = len(shards)
-
-    def read(name, shape, dim, start, stop):
-        cat = _meta_cat_dim(name)
-        if cat is None:  # replicated in every shard: read the file that holds this rank's first slices
-            return opened(rank * n // world_size)[name]
-        per = shape[cat] // n  # each shard holds an equal block along its split dimension
-        if dim is None:  # not split here but split in the files: join (not used by this plan)
-            return torch.cat([opened(i)[name] for i in range(n)], dim=cat)
-        if dim == cat:  # the shards that overlap [start, stop), each narrowed to the overlap
-            parts = []
-            for i in range(start // per, -(-stop // per)):
-                lo, hi = max(start, i * per), min(stop, (i + 1) * per)
-                parts.append(opened(i)[name].narrow(cat, lo - i * per, hi - lo))
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cat)
-        return torch.cat([opened(i)[name].narrow(dim, start, stop - start) for i in range(n)], dim=cat)
-
-    read.files_read = files_read
-    return read
-
-
-def _hf_reader(path: Path, args: ModelArgs):
-    from safetensors import safe_open
-
-    from .checkpoint import _hf_name, hf_weight_files
-    from .positions import permute_rotate_half_to_interleaved
-
-    where = {}
-    for file in hf_weight_files(path):
-        f = safe_open(str(file), framework="pt", device="cpu")
-        for key in f.keys():
-            name = _hf_name(key)
-            if name is not None:
-                where[name] = (f, key)
-    if args.tie_embeddings and "output.weight" not in where:
-        where["output.weight"] = where.get("tok_embeddings.weight")
-
-    def read(name, shape, dim, start, stop):
-        if name not in where:
-            raise ValueError(f"{path}: tensor {name} is missing; is the download complete?")
-        f, key = where[name]
-        sl = f.get_slice(key)
-        t = sl[:] if dim is None else (sl[start:stop] if dim == 0 else sl[:, start:stop])
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            # HF permuted the rows within each head for rotate-half RoPE; the slice holds whole heads
-            t = permute_rotate_half_to_interleaved(t, t.shape[0] // args.head_dim)
-        return t
-
-    return read
-
-
-def _gguf_reader(path: Path):
-    from .checkpoint import _gguf_name, gguf_dequantize, open_gguf
-
-    tensors = {_gguf_name(t.name): t for t in open_gguf(path).tensors}
-
-    def read(name, shape, dim, start, stop):
-        t = tensors[name]
-        full = gguf_dequantize(t.data, t.tensor_type).reshape(shape)  # blocks: dequantize, then keep the slice
-        return full if dim is None else full.narrow(dim, start, stop - start)
-
-    return read
-
-
-def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: Optional[int] = None,
-                 max_batch_size: Optional[int] = None) -> Transformer:
+def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: int | None = None,
+                 max_batch_size: int | None = None) -> Transformer:
     """Load a checkpoint (Meta folder, HF folder, .gguf; None: the embedded SmolLM2) straight into
     this rank's shard of a tensor-parallel model. No rank ever holds the whole model."""
-    from .checkpoint import detect_format, read_model_args, resolve_dtype, smollm2_gguf_path
-
     if mesh is None:
         mesh, own_device = init_distributed(torch.device(device).type if device is not None else None)
         device = device if device is not None else own_device
@@ -339,9 +253,9 @@ def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: Opt
     args = read_model_args(path, **overrides)
     check_world_size(args, mesh.size())
     kind = detect_format(path)
-    read = (_meta_reader(path, args, mesh.get_local_rank(), mesh.size()) if kind == "meta"
-            else _hf_reader(path, args) if kind == "hf" else _gguf_reader(path))
-    model = _fill(_meta_model(args), read, mesh, device, dtype)
+    read = (meta_slice_reader(path, mesh.get_local_rank(), mesh.size()) if kind == "meta"
+            else hf_slice_reader(path, args) if kind == "hf" else gguf_slice_reader(path))
+    model = _fill(empty_model(args), read, mesh, device, dtype)
     model.tensor_parallel["files_read"] = sorted(getattr(read, "files_read", [path.name]))
     return model
 
@@ -399,13 +313,6 @@ def _set_threads() -> None:
 def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=None, dtype=None, seed=None,
                 progress=False, quantize=None):
     """Llama.build for one rank of a tensor-parallel run (the CLI calls it under torchrun)."""
-    import atexit
-    import time
-
-    from .checkpoint import find_tokenizer_model, open_gguf
-    from .generation import Llama
-    from .tokenizer import Tokenizer
-
     _set_threads()
     if seed is not None:
         torch.manual_seed(seed)
@@ -420,8 +327,6 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
         tokenizer = (Tokenizer.from_gguf(tokenizer_path) if Path(tokenizer_path).suffix == ".gguf"
                      else Tokenizer.from_sentencepiece(tokenizer_path))
     elif path is None or path.suffix == ".gguf":
-        from .checkpoint import smollm2_gguf_path
-
         tokenizer = Tokenizer.from_gguf(open_gguf(path or smollm2_gguf_path()))
     else:
         tokenizer = Tokenizer.from_sentencepiece(find_tokenizer_model(path))

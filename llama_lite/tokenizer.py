@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -21,8 +21,8 @@ SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 class Tokenizer:
     """encode(text, bos, eos) -> ids; decode(ids) -> text; bos_id, eos_id, n_words."""
 
-    def __init__(self, model_path: Optional[str] = None, *, backend=None, bos_id: int = -1, eos_id: int = -1,
-                 pad_id: int = -1, add_bos: bool = True, chat_template: Optional[str] = None,
+    def __init__(self, model_path: str | None = None, *, backend=None, bos_id: int = -1, eos_id: int = -1,
+                 pad_id: int = -1, add_bos: bool = True, chat_template: str | None = None,
                  stop_ids: Sequence[int] = ()):
         if model_path is not None:  # Meta's signature: Tokenizer(model_path) is sentencepiece
             other = Tokenizer.from_sentencepiece(model_path)
@@ -36,7 +36,7 @@ class Tokenizer:
 
     # -- constructors ----------------------------------------------------------------------
     @classmethod
-    def from_sentencepiece(cls, model_path) -> "Tokenizer":
+    def from_sentencepiece(cls, model_path) -> Tokenizer:
         from sentencepiece import SentencePieceProcessor
 
         path = Path(model_path)
@@ -54,11 +54,11 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def from_gguf(cls, reader) -> "Tokenizer":
+    def from_gguf(cls, reader) -> Tokenizer:
         """From a GGUF file's tokenizer.ggml.* fields (model 'gpt2': byte-level BPE)."""
         from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-        from .checkpoint import gguf_field, open_gguf
+        from .gguf import gguf_field, open_gguf
 
         reader = open_gguf(reader)
         kind = gguf_field(reader, "tokenizer.ggml.model")
@@ -93,7 +93,7 @@ class Tokenizer:
     def n_words(self) -> int:
         return self.backend.vocab_size() if self.is_sentencepiece else self.backend.get_vocab_size()
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}")
         if self.is_sentencepiece:
@@ -126,7 +126,7 @@ class Tokenizer:
         return self.backend.id_to_piece(i) if self.is_sentencepiece else self.backend.id_to_token(i)
 
     # -- chat ------------------------------------------------------------------------------
-    def encode_dialog(self, dialog: Sequence[Message]) -> List[int]:
+    def encode_dialog(self, dialog: Sequence[Message]) -> list[int]:
         """Prompt tokens for a chat, ending where the assistant's answer begins."""
         check_dialog(dialog)
         if self.chat_template:
@@ -144,7 +144,7 @@ class Tokenizer:
             eos_token=self.id_to_piece(self.eos_id) if self.eos_id >= 0 else "",
         )
 
-    def _encode_llama2_dialog(self, dialog: Sequence[Message]) -> List[int]:
+    def _encode_llama2_dialog(self, dialog: Sequence[Message]) -> list[int]:
         """Meta's chat_completion: the system prompt folds into the first user turn; each
         finished (user, assistant) pair is BOS [INST] user [/INST] answer EOS."""
         for m in dialog:
@@ -153,7 +153,7 @@ class Tokenizer:
         if dialog[0]["role"] == "system":
             dialog = [{"role": dialog[1]["role"],
                        "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + list(dialog[2:])
-        tokens: List[int] = []
+        tokens: list[int] = []
         for prompt, answer in zip(dialog[::2], dialog[1::2]):
             tokens += self.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
                                   bos=True, eos=True)

@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from llama_lite.checkpoint import smollm2_gguf_path
+    from llama_lite.gguf import smollm2_gguf_path
 
     return smollm2_gguf_path()
 
@@ -48,14 +48,16 @@ def hf_config(args, **kw):
     """transformers' LlamaConfig for the same ModelArgs."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{**args.to_hf_config(), "attn_implementation": "eager", **kw})
+    from llama_lite import hf
+
+    return LlamaConfig(**{**hf.hf_config(args), "attn_implementation": "eager", **kw})
 
 
 def to_hf(model):
     """A transformers LlamaForCausalLM holding the same weights as a llama_lite Transformer."""
     from transformers import LlamaForCausalLM
 
-    from llama_lite.checkpoint import hf_state_dict
+    from llama_lite.hf import hf_state_dict
 
     hf = LlamaForCausalLM(hf_config(model.params)).eval()
     sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from llama_lite import ModelArgs, Transformer, count_parameters, kv_cache_bytes
+from llama_lite.checkpoint import meta_model_args_from_params
+from llama_lite.hf import hf_model_args_from_config
 
 # Meta's params.json files, as downloaded (vocab_size -1: the tokenizer's 32000 decides).
 PARAMS_JSON = {
@@ -37,7 +39,7 @@ MODELS = list(PARAMS_JSON)
 
 
 def args_of(name):
-    return ModelArgs.from_meta_params(PARAMS_JSON[name], vocab_size=32000)
+    return meta_model_args_from_params(PARAMS_JSON[name], vocab_size=32000)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -84,7 +86,7 @@ def test_transformers_agrees(built):
         hf = transformers.LlamaForCausalLM(config)
     assert sum(p.numel() for p in hf.parameters()) == PUBLISHED[name]
     # and an HF config.json of these numbers gives the same ModelArgs shapes
-    b = ModelArgs.from_hf_config(config.to_dict())
+    b = hf_model_args_from_config(config.to_dict())
     assert (b.dim, b.n_layers, b.n_heads, b.n_kv_heads, b.ffn_hidden_dim) == (
         a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim)
 

@@ -34,7 +34,7 @@ def test_kv_cache_bytes_equals_allocated_cache():
 
 
 def test_smollm2_preset_matches_the_gguf(smollm2_path):
-    from llama_lite.checkpoint import gguf_model_args, open_gguf
+    from llama_lite.gguf import gguf_model_args, open_gguf
 
     # The preset is typed from SmolLM2's config.json; the GGUF file states the same shape.
     from_file = gguf_model_args(open_gguf(smollm2_path))
@@ -58,15 +58,3 @@ def test_bad_args_are_named(kw, message):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="llama2-7b"):
         ModelArgs.from_name("llama2-8b")
-
-
-@pytest.mark.parametrize("name", ["llama2-7b", "llama2-70b"])
-def test_to_hf_config_round_trips_and_matches_transformers(name):
-    """ModelArgs.to_hf_config is the inverse of from_hf_config, and transformers' LlamaConfig
-    built from it has the model's shapes."""
-    transformers = pytest.importorskip("transformers")
-    a = ModelArgs.from_name(name)
-    back = ModelArgs.from_hf_config(transformers.LlamaConfig(**a.to_hf_config()).to_dict())
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps",
-                  "rope_theta", "max_seq_len", "tie_embeddings", "head_dim"):
-        assert getattr(back, field) == getattr(a, field), field

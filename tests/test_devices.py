@@ -11,8 +11,8 @@ import torch
 
 from conftest import ROOT
 from llama_lite import ModelArgs, Transformer
-from llama_lite.checkpoint import CheckpointError
-from llama_lite.devices import (GiB, default_dtype, plan_fit, resolve_device, resolve_dtype, weight_bytes)
+from llama_lite.devices import (CheckpointError, GiB, default_dtype, plan_fit, resolve_device, resolve_dtype,
+                                weight_bytes)
 from llama_lite.quantize import Int8Linear, model_bytes, quantize_model_int8
 
 # name: (CUDA capability, total memory as torch reports it). The T4 is sold as 16 GB and shows

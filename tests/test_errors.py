@@ -15,7 +15,10 @@ from llama_lite import Llama, ModelArgs, Transformer
 from llama_lite import __main__ as cli
 from llama_lite import checkpoint as ckpt
 from llama_lite import generation
-from llama_lite.checkpoint import CheckpointError, materialize, smollm2_gguf_path
+from llama_lite.checkpoint import materialize, meta_model_args_from_params
+from llama_lite.devices import CheckpointError
+from llama_lite.gguf import smollm2_gguf_path
+from llama_lite.hf import hf_config
 
 NAN, INF = float("nan"), float("inf")
 TINY = dict(dim=32, n_layers=1, n_heads=4, norm_eps=1e-5)  # a Meta params.json, vocab from the weights
@@ -109,7 +112,7 @@ def tiny_meta(folder, tokenizer=True):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps({**TINY, "vocab_size": -1}))
     torch.manual_seed(0)
-    sd = Transformer(ModelArgs.from_meta_params(TINY, vocab_size=TINY_VOCAB)).state_dict()
+    sd = Transformer(meta_model_args_from_params(TINY, vocab_size=TINY_VOCAB)).state_dict()
     torch.save(sd, folder / "consolidated.00.pth")
     if tokenizer:
         (folder / "tokenizer.model").write_bytes(b"")  # never opened by these tests
@@ -118,8 +121,8 @@ def tiny_meta(folder, tokenizer=True):
 
 def tiny_hf_config(folder):
     folder.mkdir(parents=True, exist_ok=True)
-    args = ModelArgs.from_meta_params(TINY, vocab_size=TINY_VOCAB)
-    (folder / "config.json").write_text(json.dumps(args.to_hf_config()))
+    args = meta_model_args_from_params(TINY, vocab_size=TINY_VOCAB)
+    (folder / "config.json").write_text(json.dumps(hf_config(args)))
 
 
 def _params_list(d):

@@ -119,7 +119,7 @@ def test_smollm2_weights_have_the_rule_s_shapes(llama):
 
 
 def test_smollm2_gguf_states_the_same_hidden_size(smollm2_path):
-    from llama_lite.checkpoint import gguf_field, open_gguf
+    from llama_lite.gguf import gguf_field, open_gguf
 
     reader = open_gguf(smollm2_path)
     assert gguf_field(reader, "llama.feed_forward_length") == ModelArgs.from_name("smollm2-135m").ffn_hidden_dim

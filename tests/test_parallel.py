@@ -117,7 +117,7 @@ def folder(tmp_path_factory):
     from safetensors.torch import save_file
 
     from llama_lite import ModelArgs
-    from llama_lite.checkpoint import hf_state_dict
+    from llama_lite.hf import hf_config, hf_state_dict
 
     root = tmp_path_factory.mktemp("tp")
     cfg = CONFIGS["mha"]
@@ -133,7 +133,7 @@ def folder(tmp_path_factory):
         torch.save(shard, meta / f"consolidated.{i:02d}.pth")
     hf = root / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(args.to_hf_config()))
+    (hf / "config.json").write_text(json.dumps(hf_config(args)))
     save_file({k: v.contiguous() for k, v in hf_state_dict(sd, args).items()}, str(hf / "model.safetensors"))
     return root
 

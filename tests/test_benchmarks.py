@@ -1,0 +1,37 @@
+"""The benchmarks' code paths on tiny configs, so they cannot rot unseen (their figures come
+from full runs; nothing here is timed)."""
+import importlib.util
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_runs_tiny_on_cpu():
+    """benchmarks/load_7b_gpu.py --tiny: the 7B benchmark's code path (write both formats, load,
+    compare with transformers, time prefill/decode) on a tiny config, so it cannot rot unseen."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load_7b_gpu.py"), "--tiny"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("vs transformers" in line and line.endswith("PASS") for line in lines) == 2, r.stdout
+    assert lines[-1] == "PASS"
+
+
+def test_decode_gpu_script_tiny_cpu(capsys):
+    """benchmarks/decode_gpu.py --tiny on the CPU: eager, compiled and transformers decode the
+    same greedy tokens."""
+    tps, outs = _module("decode_gpu").main(["--tiny", "--device", "cpu", "--repeats", "1"])
+    text = capsys.readouterr().out
+    assert "roofline" in text and "MFU" in text
+    assert set(tps) == {"llama_lite eager", "llama_lite compiled", "transformers eager"}
+    assert all(v > 0 for v in tps.values())
+    first = outs["llama_lite eager"]
+    assert len(first) == 16 and outs["llama_lite compiled"] == first and outs["transformers eager"] == first
