@@ -90,7 +90,6 @@ def main(argv=None):
     fp32 = Llama.build()
     tok = fp32.tokenizer
     prompt = tok.encode(PROMPT, bos=tok.add_bos, eos=False)
-    no_stop = ()  # the benchmark always produces n_new tokens
 
     def eager_run(llama, cached=True, n=n_new):
         # Llama.generate stops at EOS; so that every method decodes the same n tokens the

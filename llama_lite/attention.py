@@ -3,8 +3,9 @@
 n_kv_heads == n_heads is MHA, n_kv_heads == 1 is MQA, anything between that divides n_heads is
 GQA: each key/value head is shared by n_heads // n_kv_heads query heads.
 """
+from __future__ import annotations
+
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache
+        self.cache: KVCache | None = None  # set by Transformer.setup_cache
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+                mask: torch.Tensor | None) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)

@@ -260,7 +260,6 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; is the download complete?")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.freqs_cis = model.freqs_cis.to(device)  # computed on the CPU by Transformer.__init__
     return model.eval()
 
 
@@ -302,15 +301,14 @@ def check_overrides(**overrides) -> dict:
     return out
 
 
-def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: int | None = None,
-                    max_batch_size: int | None = None, progress: bool = False,
+def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: int | None = None, progress: bool = False,
                     quantize: str | None = None) -> tuple[Transformer, Path]:
     """Load any supported checkpoint; returns the model and the file/folder it came from.
     path=None is the embedded SmolLM2-135M-Instruct."""
     device = resolve_device(device)  # a device or dtype this machine cannot give fails here, before any file is read
     dtype = resolve_dtype(dtype, device)
     path = smollm2_gguf_path() if path is None else Path(path)
-    overrides = check_overrides(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    overrides = check_overrides(max_seq_len=max_seq_len)
     kind = detect_format(path)
     args = read_model_args(path, **overrides)
     if kind == "gguf":
@@ -339,16 +337,6 @@ def read_model_args(path=None, **overrides) -> ModelArgs:
     return hf_model_args(path, **overrides)
 
 
-def find_tokenizer_model(ckpt_dir: Path) -> Path:
-    """Meta's download keeps tokenizer.model one folder above llama-2-7b/; HF's keeps it inside."""
-    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"tokenizer.model not found in {ckpt_dir} or {ckpt_dir.parent}; pass its path with --tokenizer / tokenizer_path="
-    )
-
-
-__all__ = ["load_checkpoint", "read_model_args", "find_tokenizer_model", "detect_format", "check_overrides",
+__all__ = ["load_checkpoint", "read_model_args", "detect_format", "check_overrides",
            "materialize", "empty_model", "meta_shards", "meta_model_args", "meta_model_args_from_params",
            "meta_tensors", "meta_slice_reader"]

@@ -5,9 +5,7 @@ params.json), hf.py (config.json), gguf.py (GGUF metadata).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 
 @dataclass
@@ -23,13 +21,12 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    max_batch_size: int = 1
     tie_embeddings: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "max_batch_size"):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelArgs.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
@@ -64,9 +61,6 @@ class ModelArgs:
             raise ValueError(f"unknown model name {name!r}; known names: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[key])
 
-    @classmethod
-    def from_json(cls, path) -> ModelArgs:
-        return cls(**json.loads(Path(path).read_text()))
 
 
 # Llama-2 numbers are Meta's params.json (vocab from its tokenizer, context from the paper);

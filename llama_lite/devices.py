@@ -18,7 +18,6 @@ CPU-only machine by patching them (tests/test_devices.py: a T4, an L4, an A100, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -122,7 +121,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return DTYPES[key]
 
 
-def free_memory(device) -> Optional[int]:
+def free_memory(device) -> int | None:
     """Bytes the device can still give: CUDA's free memory (what the driver reports, after the
     CUDA context), the host's MemAvailable for a CPU (Linux), None where unknown (mps)."""
     device = torch.device(device)
@@ -139,7 +138,7 @@ def free_memory(device) -> Optional[int]:
     return None
 
 
-def total_memory(device) -> Optional[int]:
+def total_memory(device) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -151,7 +150,7 @@ def _element(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str] = None) -> int:
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = None) -> int:
     """Exact bytes of the loaded weights. int8 (llama_lite.quantize): each Linear but the output
     keeps 1 byte per weight plus one scale per output row in `dtype`; embeddings, norms and the
     output projection stay in `dtype` (tests check this against model_bytes of a built model)."""
@@ -169,7 +168,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: Optional[str] = 
 
 
 def prefill_activation_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype,
-                             quantize: Optional[str] = None) -> int:
+                             quantize: str | None = None) -> int:
     """The largest transient of a prefill of `seq` tokens, besides the logits: the residual
     stream, a normed copy, q/k/v and attention's output (dim wide each), the SwiGLU block's three
     hidden-wide tensors, and the causal mask (seq x seq, built in float32 then cast).
@@ -191,7 +190,7 @@ def logits_bytes(args: ModelArgs, batch: int, seq: int, dtype: torch.dtype) -> i
     return batch * seq * args.vocab_size * (4 + _element(dtype))
 
 
-def workspace_bytes(total: Optional[int]) -> int:
+def workspace_bytes(total: int | None) -> int:
     """Headroom for cuBLAS workspaces, the caching allocator's rounding and fragmentation, and
     the sampler's temporaries: 5% of the card, at least 0.5 GiB."""
     return max(GiB // 2, int(0.05 * total)) if total else GiB // 2
@@ -202,11 +201,11 @@ class FitPlan:
     """What to load, and what it will take. `build_kwargs()` feeds Llama.build / load_checkpoint."""
     device: torch.device
     dtype: torch.dtype
-    quantize: Optional[str]
+    quantize: str | None
     max_seq_len: int
     batch_size: int
     wanted_seq_len: int
-    free_bytes: Optional[int]
+    free_bytes: int | None
     weights: int
     kv_cache: int
     activations: int
@@ -223,8 +222,7 @@ class FitPlan:
         return self.free_bytes is None or self.total <= self.free_bytes
 
     def build_kwargs(self) -> dict:
-        return dict(device=self.device, dtype=self.dtype, quantize=self.quantize, max_seq_len=self.max_seq_len,
-                    max_batch_size=self.batch_size)
+        return dict(device=self.device, dtype=self.dtype, quantize=self.quantize, max_seq_len=self.max_seq_len)
 
     def describe(self) -> str:
         name = str(self.dtype).removeprefix("torch.") + (" weights, int8 linears" if self.quantize else "")
@@ -239,8 +237,8 @@ class FitPlan:
         return "\n".join(lines)
 
 
-def estimate(args: ModelArgs, device, dtype: torch.dtype, quantize: Optional[str], seq: int, batch: int = 1,
-             free_bytes: Optional[int] = None, total: Optional[int] = None, wanted: Optional[int] = None,
+def estimate(args: ModelArgs, device, dtype: torch.dtype, quantize: str | None, seq: int, batch: int = 1,
+             free_bytes: int | None = None, total: int | None = None, wanted: int | None = None,
              reason: str = "") -> FitPlan:
     return FitPlan(torch.device(device), dtype, quantize, seq, batch, wanted or seq, free_bytes,
                    weight_bytes(args, dtype, quantize), kv_cache_bytes(args, batch, seq, dtype),
@@ -248,7 +246,7 @@ def estimate(args: ModelArgs, device, dtype: torch.dtype, quantize: Optional[str
                    workspace_bytes(total), reason)
 
 
-def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max_seq_len: Optional[int] = None,
+def plan_fit(args: ModelArgs, device=None, free_bytes: int | None = None, max_seq_len: int | None = None,
              batch_size: int = 1, dtype=None, quantize="auto") -> FitPlan:
     """The plan for loading a model of shape `args` on `device` with `max_seq_len` tokens of
     context (default: the model's own): first the policy dtype at that context; if it does not
@@ -265,7 +263,7 @@ def plan_fit(args: ModelArgs, device=None, free_bytes: Optional[int] = None, max
                        batch_size, quantize)
 
 
-def choose_plan(args: ModelArgs, device, dtype: torch.dtype, free: Optional[int], total: Optional[int],
+def choose_plan(args: ModelArgs, device, dtype: torch.dtype, free: int | None, total: int | None,
                 wanted: int, batch_size: int = 1, quantize="auto") -> FitPlan:
     """plan_fit's rule, with the device's numbers given instead of asked: a GPU that is not here
     (a T4's specification) can be planned for too."""

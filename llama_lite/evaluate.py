@@ -1,6 +1,6 @@
 """Measuring a model on real text: the shipped sample and perplexity."""
+from collections.abc import Sequence
 from importlib import resources
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -1,12 +1,12 @@
 """Notebook 05: the SwiGLU feed-forward block."""
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None) -> int:
+def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
     """Meta's rule: start from a 4*dim two-matrix FFN, take 2/3 of it so three matrices hold
     the same parameters, optionally scale (70B uses 1.3), and round up to multiple_of."""
     hidden = int(2 * (4 * dim) / 3)

@@ -8,16 +8,15 @@ import operator
 import threading
 import time
 import weakref
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import detect_format, find_tokenizer_model, load_checkpoint
-from .gguf import open_gguf
+from .checkpoint import detect_format, load_checkpoint
 from .model import Transformer
-from .tokenizer import Message, Tokenizer
+from .tokenizer import Message, Tokenizer, tokenizer_file
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
@@ -155,43 +154,32 @@ class Llama:
         self.tokenizer = tokenizer
 
     @staticmethod
-    def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: int | None = None, max_batch_size: int = 1,
+    def build(ckpt_dir=None, tokenizer_path=None, max_seq_len: int | None = None,
               device=None, dtype=None, seed: int | None = None, progress: bool = False,
               quantize: str | None = None, plan=None, compile: bool = False) -> Llama:
         """Load a checkpoint and its tokenizer. No arguments: the embedded SmolLM2-135M-Instruct
         on the CPU. ckpt_dir: Meta's folder (params.json, consolidated.*.pth), Hugging Face's
         folder (config.json, *.safetensors) or a .gguf file. plan: a llama_lite.devices.FitPlan
-        (plan_fit's answer), whose device, dtype, quantize, max_seq_len and batch size are used.
+        (plan_fit's answer), whose device, dtype, quantize and max_seq_len are used.
         compile: compile the model's blocks (llama_lite.fast.compile_model); the first
         generation then waits for the compiler, later ones (and later processes) do not."""
         if isinstance(ckpt_dir, str) and not ckpt_dir.strip():
             raise ValueError("ckpt_dir is an empty string; pass a checkpoint path, or None for the embedded model")
         if plan is not None:
             device, dtype, quantize = plan.device, plan.dtype, plan.quantize
-            max_seq_len, max_batch_size = plan.max_seq_len, plan.batch_size
+            max_seq_len = plan.max_seq_len  # plan.batch_size sized its KV cache estimate; generate sizes the real one
         if seed is not None:
             check_seed(seed)
             torch.manual_seed(seed)
-        # The tokenizer is found before the weights load, so a missing one fails in milliseconds.
-        if tokenizer_path is not None and not Path(tokenizer_path).is_file():
-            raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; tokenizer_path takes the path of a "
-                                    "tokenizer.model (or .gguf) file")
-        if ckpt_dir is not None and tokenizer_path is None and Path(ckpt_dir).is_dir() and \
-                detect_format(Path(ckpt_dir)) in ("meta", "hf"):
-            find_tokenizer_model(Path(ckpt_dir))
+        if ckpt_dir is not None and tokenizer_path is None and Path(ckpt_dir).is_dir():
+            detect_format(Path(ckpt_dir))  # a folder in neither format: the loader's message, not the tokenizer's
+        tok_file = tokenizer_file(ckpt_dir, tokenizer_path)
         if ckpt_dir is None and device is None:
             device = "cpu"  # the embedded model is the CPU default, even where a GPU exists
         start = time.perf_counter()
         model, path = load_checkpoint(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                      max_batch_size=max_batch_size, progress=progress, quantize=quantize)
-        if tokenizer_path is not None and Path(tokenizer_path).suffix == ".gguf":
-            tokenizer = Tokenizer.from_gguf(tokenizer_path)
-        elif tokenizer_path is not None:
-            tokenizer = Tokenizer.from_sentencepiece(tokenizer_path)
-        elif path.suffix == ".gguf":
-            tokenizer = Tokenizer.from_gguf(open_gguf(path))
-        else:
-            tokenizer = Tokenizer.from_sentencepiece(find_tokenizer_model(path))
+                                      progress=progress, quantize=quantize)
+        tokenizer = Tokenizer.load(tok_file or path)  # a .gguf checkpoint carries its own
         if tokenizer.n_words != model.params.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "

@@ -37,15 +37,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import detect_format, empty_model, find_tokenizer_model, meta_slice_reader, read_model_args
+from .checkpoint import detect_format, empty_model, meta_slice_reader, read_model_args
 from .config import ModelArgs
 from .devices import resolve_dtype
 from .generation import Llama
-from .gguf import gguf_slice_reader, open_gguf, smollm2_gguf_path
+from .gguf import gguf_slice_reader, smollm2_gguf_path
 from .hf import hf_slice_reader
 from .kv_cache import KVCache
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, tokenizer_file
 
 # Which dimension of each weight is split across ranks (None: every rank holds all of it).
 # Column-parallel weights (out_features, in_features) split dim 0, row-parallel ones dim 1.
@@ -167,13 +167,13 @@ def tp_plan(args: ModelArgs) -> dict:
     return plan
 
 
-def _sharded_setup_cache(self, max_batch_size=None, max_seq_len=None, dtype=None, device=None) -> None:
+def _sharded_setup_cache(self, max_batch_size=1, max_seq_len=None, dtype=None, device=None) -> None:
     """Transformer.setup_cache for a sharded model: each rank caches only its own kv heads."""
     p = self.params
     weight = self.layers[0].attention_norm.weight  # a plain tensor on this rank's device
     for layer in self.layers:
         a = layer.attention
-        a.cache = KVCache(max_batch_size or p.max_batch_size, max_seq_len or p.max_seq_len, a.n_kv_heads,
+        a.cache = KVCache(max_batch_size, max_seq_len or p.max_seq_len, a.n_kv_heads,
                           p.head_dim, dtype or weight.dtype, device or weight.device)
 
 
@@ -221,7 +221,6 @@ def _fill(model: Transformer, read: Callable, mesh, device, dtype) -> Transforme
                                        stride=stride)
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
-    model.freqs_cis = model.freqs_cis.to(device)
     return _localize(model, mesh).eval()
 
 
@@ -239,8 +238,7 @@ def shard_model(model: Transformer, mesh, device=None, dtype=None) -> Transforme
     return _fill(empty_model(model.params), read, mesh, device, dtype)
 
 
-def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: int | None = None,
-                 max_batch_size: int | None = None) -> Transformer:
+def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: int | None = None) -> Transformer:
     """Load a checkpoint (Meta folder, HF folder, .gguf; None: the embedded SmolLM2) straight into
     this rank's shard of a tensor-parallel model. No rank ever holds the whole model."""
     if mesh is None:
@@ -249,8 +247,7 @@ def load_sharded(path=None, mesh=None, device=None, dtype=None, max_seq_len: int
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)
     path = smollm2_gguf_path() if path is None else Path(path)
-    overrides = {k: v for k, v in dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size).items() if v}
-    args = read_model_args(path, **overrides)
+    args = read_model_args(path, max_seq_len=max_seq_len)  # None: the checkpoint's own
     check_world_size(args, mesh.size())
     kind = detect_format(path)
     read = (meta_slice_reader(path, mesh.get_local_rank(), mesh.size()) if kind == "meta"
@@ -322,14 +319,8 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
     mesh, dev = init_distributed(torch.device(device).type if device else None)
     atexit.register(_close)
     model = load_sharded(ckpt_dir, mesh, dev, dtype, max_seq_len=max_seq_len)
-    path = ckpt_dir and Path(ckpt_dir)
-    if tokenizer_path is not None:
-        tokenizer = (Tokenizer.from_gguf(tokenizer_path) if Path(tokenizer_path).suffix == ".gguf"
-                     else Tokenizer.from_sentencepiece(tokenizer_path))
-    elif path is None or path.suffix == ".gguf":
-        tokenizer = Tokenizer.from_gguf(open_gguf(path or smollm2_gguf_path()))
-    else:
-        tokenizer = Tokenizer.from_sentencepiece(find_tokenizer_model(path))
+    tok_file = tokenizer_file(ckpt_dir, tokenizer_path)
+    tokenizer = Tokenizer.load(tok_file or (Path(ckpt_dir) if ckpt_dir is not None else smollm2_gguf_path()))
     llama = Llama(model, tokenizer)
     llama.load_seconds = time.perf_counter() - start
     return llama

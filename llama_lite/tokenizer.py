@@ -18,6 +18,30 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 
 
+def find_tokenizer_model(ckpt_dir: Path) -> Path:
+    """Meta's download keeps tokenizer.model one folder above llama-2-7b/; HF's keeps it inside."""
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"tokenizer.model not found in {ckpt_dir} or {ckpt_dir.parent}; pass its path with --tokenizer / tokenizer_path="
+    )
+
+
+def tokenizer_file(ckpt_path=None, tokenizer_path=None) -> Path | None:
+    """The file that holds a checkpoint's tokenizer, found before any weight is read (so a
+    missing one fails in milliseconds): tokenizer_path if given; for Meta's or Hugging Face's
+    folder, its tokenizer.model; None for a .gguf file or the embedded model, which carry their own."""
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; tokenizer_path takes the path of a "
+                                    "tokenizer.model (or .gguf) file")
+        return Path(tokenizer_path)
+    if ckpt_path is not None and Path(ckpt_path).is_dir():
+        return find_tokenizer_model(Path(ckpt_path))
+    return None
+
+
 class Tokenizer:
     """encode(text, bos, eos) -> ids; decode(ids) -> text; bos_id, eos_id, n_words."""
 
@@ -52,6 +76,11 @@ class Tokenizer:
             raise ValueError(f"{path} is not a sentencepiece model ({e})") from None
         tok = cls(backend=sp, bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), add_bos=True)
         return tok
+
+    @classmethod
+    def load(cls, path) -> Tokenizer:
+        """A tokenizer.model (sentencepiece) or the tokenizer a .gguf file carries."""
+        return cls.from_gguf(path) if Path(path).suffix == ".gguf" else cls.from_sentencepiece(path)
 
     @classmethod
     def from_gguf(cls, reader) -> Tokenizer:

@@ -90,7 +90,6 @@ BUILD = [
     ("ckpt_dir=''", dict(ckpt_dir=""), ValueError, r"ckpt_dir is an empty string; pass a checkpoint path, or None"),
     ("max_seq_len=0", dict(max_seq_len=0), ValueError, r"max_seq_len must be an integer >= 1 .*got 0; None"),
     ("max_seq_len=2.5", dict(max_seq_len=2.5), ValueError, r"max_seq_len must be an integer >= 1 .*got 2\.5"),
-    ("max_batch_size=0", dict(max_batch_size=0), ValueError, r"max_batch_size must be an integer >= 1, got 0"),
     ("seed=2**70", dict(seed=2 ** 70), ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
     ("seed=1.5", dict(seed=1.5), ValueError, r"seed must be an integer"),
 ]
@@ -224,8 +223,8 @@ def test_zero_is_refused_not_dropped(tmp_path):
     tiny_meta(tmp_path / "m")
     with pytest.raises(ValueError, match=r"max_seq_len must be an integer >= 1"):
         ckpt.load_checkpoint(tmp_path / "m", device="cpu", max_seq_len=0)
-    model, _ = ckpt.load_checkpoint(tmp_path / "m", device="cpu", max_seq_len=1, max_batch_size=3)
-    assert (model.params.max_seq_len, model.params.max_batch_size) == (1, 3)
+    model, _ = ckpt.load_checkpoint(tmp_path / "m", device="cpu", max_seq_len=1)
+    assert model.params.max_seq_len == 1
 
 
 def test_missing_embedded_model_says_how_to_install(monkeypatch):
