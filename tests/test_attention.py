@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_config
-from llama_lite import ModelArgs, Transformer
+from conftest import hf_config, random_model
+from llama_lite import ModelArgs
 from llama_lite.attention import Attention, regroup_kv_weight, repeat_kv, with_kv_heads
 from llama_lite.positions import permute_interleaved_to_rotate_half, precompute_freqs_cis
 
@@ -119,13 +119,8 @@ def test_attention_equals_from_scratch_and_torch_gqa_sdpa(name):
     assert (ours - torch_final).abs().max().item() <= 1e-5
 
 
-def random_model(n_kv_heads, seed=0):
-    torch.manual_seed(seed)
-    return Transformer(args_for(n_kv_heads, n_layers=2, tie_embeddings=True)).eval()
-
-
 def test_expanding_gqa_to_mha_gives_identical_logits():
-    model = random_model(2)
+    model = random_model(args_for(2, tie_embeddings=True))
     mha = with_kv_heads(model, 8)
     assert mha.params.n_kv_heads == 8 and mha.layers[0].attention.wk.weight.shape == (128, 128)
     assert model.params.n_kv_heads == 2 and model.layers[0].attention.wk.weight.shape == (32, 128)
@@ -136,7 +131,7 @@ def test_expanding_gqa_to_mha_gives_identical_logits():
 
 
 def test_mean_pooled_mqa_differs_but_is_exact_when_heads_agree():
-    model = random_model(2)
+    model = random_model(args_for(2, tie_embeddings=True))
     mqa = with_kv_heads(model, 1)
     assert mqa.layers[0].attention.wk.weight.shape == (16, 128)
     tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6))

@@ -1,8 +1,7 @@
-"""Beam search (notebook 06): llama_lite's batched beam search against transformers' generate."""
+"""Beam search (notebook 06, llama_lite/beam_search.py): llama_lite's batched beam search against
+transformers' generate. (Its bad arguments: tests/test_errors.py; --num-beams: tests/test_cli.py.)"""
 import pytest
 import torch
-
-from test_cli import run
 
 EOS = 2  # SmolLM2's <|im_end|>, transformers' generation_config.eos_token_id for this GGUF
 
@@ -87,29 +86,3 @@ def test_kv_cache_is_batched_over_beams_and_freed(llama, monkeypatch):
     assert shapes == [(1, len(ids))] + [(4, 1)] * 5  # prompt prefilled once, then one row per beam
     assert calls and all(s == (4,) for s in calls)
     assert llama.model.caches == []
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(num_beams=0), "num_beams must be an integer >= 1"),
-    (dict(num_beams=2.5), "num_beams must be an integer >= 1"),
-    (dict(num_beams=100_000), "num_beams=100000 is larger than the vocabulary"),
-    (dict(max_gen_len=0), "max_gen_len must be an integer >= 1"),
-    (dict(length_penalty=float("nan")), "length_penalty must be a finite number"),
-    (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
-    (dict(prompt_tokens=[]), "empty prompt"),
-    (dict(prompt_tokens=[[1, 2], [3]]), "beam_search takes one prompt"),
-])
-def test_bad_arguments_raise_clear_errors(llama, kwargs, message):
-    args = dict(prompt_tokens=[1, 2, 3], num_beams=2, max_gen_len=4) | kwargs
-    with pytest.raises(ValueError, match=message):
-        llama.beam_search(**args)
-
-
-def test_cli_num_beams(llama):
-    r = run("generate", TEXT[0], "--max-new-tokens", "12", "--num-beams", "4")
-    assert r.returncode == 0, r.stderr
-    ids = llama.tokenizer.encode(TEXT[0], bos=False, eos=False)
-    expected, _ = llama.beam_search(ids, 4, 12)
-    assert r.stdout == llama.tokenizer.decode(expected) + "\n"
-    r = run("generate", TEXT[0], "--num-beams", "0")
-    assert r.returncode == 2 and r.stderr.startswith("error: num_beams must be an integer >= 1")

@@ -4,7 +4,8 @@ through Llama.build and give the logits transformers gives; bad checkpoints get 
 The files are written the way their owners write them, not with llama_lite's code:
 - Meta: params.json + consolidated.00.pth, consolidated.01.pth, each matrix split along its
   model-parallel dimension (dim 1: tok_embeddings, wo, w2; dim 0: wq, wk, wv, w1, w3, output;
-  norms replicated) and a rope.freqs entry, as Meta's llama-2-13b download has them.
+  norms replicated) and a rope.freqs entry, as Meta's llama-2-13b download has them
+  (conftest.write_meta).
 - Hugging Face: transformers' LlamaForCausalLM.save_pretrained, after the W_q/W_k permutation
   of transformers' convert_llama_weights_to_hf.py (copied below); the reference logits come
   from transformers' own from_pretrained of that folder.
@@ -18,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_llama_lite, write_meta
 from llama_lite import Llama
 from llama_lite.checkpoint import load_checkpoint
 from llama_lite.devices import CheckpointError
@@ -31,9 +32,7 @@ CONFIGS = {  # head_dim 16; GQA: 2 kv heads, one per model-parallel shard as in 
 }
 VOCAB = 32000  # the real Llama-2 tokenizer's
 N_SHARDS = 2
-META_SPLIT = {"tok_embeddings": 1, "wo": 1, "w2": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0}
 TEXT = "The quick brown fox jumps over the lazy dog. 1234 Über naïve café!"
-DIFFS = {}
 
 
 def hidden_dim(dim, multiple_of):  # Meta's rule, from llama/model.py FeedForward
@@ -63,18 +62,6 @@ def meta_weights(p, seed):
         })
     assert hd % 2 == 0
     return sd
-
-
-def write_meta(sd, p, folder):
-    folder.mkdir(parents=True)
-    (folder / "params.json").write_text(json.dumps({**p, "vocab_size": -1}))  # Llama-2's params.json says -1
-    for i in range(N_SHARDS):
-        shard = {}
-        for name, t in sd.items():
-            d = META_SPLIT.get(name.split(".")[-2])
-            shard[name] = t.clone() if d is None else t.chunk(N_SHARDS, dim=d)[i].clone()
-        shard["rope.freqs"] = torch.rand(p["dim"] // p["n_heads"] // 2)  # in Meta's files; must be ignored
-        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
 
 
 def hf_model(sd, p):
@@ -114,7 +101,7 @@ def checkpoints(request, tmp_path_factory, llama2_tokenizer_path):
     root = tmp_path_factory.mktemp(name)
     sd = meta_weights(p, seed=len(name))
     # Meta's download: llama-2-13b/{params.json, consolidated.*.pth}, tokenizer.model one folder up
-    write_meta(sd, p, root / "llama-2-13b")
+    write_meta(root / "llama-2-13b", p, sd, n_shards=N_SHARDS, rope_freqs=True)
     (root / "tokenizer.model").symlink_to(llama2_tokenizer_path)
     # HF's download: one folder with config.json, safetensors, tokenizer.model. GQA: sharded.
     hf_dir = root / "Llama-2-13b-hf"
@@ -153,7 +140,6 @@ def test_logits_equal_transformers(checkpoints, fmt):
         ours = llama.model(tokens)
         ref = checkpoints["reference"](tokens).logits
     diff = (ours - ref).abs().max().item()
-    DIFFS[(checkpoints["name"], fmt)] = diff
     print(f"\n{checkpoints['name']} {fmt}: max |logits - transformers| = {diff:.2e} (logit scale {ref.abs().max():.2f})")
     assert diff <= 1e-4
     assert ref.abs().max() > 0.1  # not a degenerate comparison of near-zero logits
@@ -216,7 +202,7 @@ class Payload:
 def meta_dir(tmp_path_factory):
     p = CONFIGS["gqa"]
     folder = tmp_path_factory.mktemp("bad") / "src"
-    write_meta(meta_weights(p, seed=3), p, folder)
+    write_meta(folder, p, meta_weights(p, seed=3), n_shards=N_SHARDS, rope_freqs=True)
     (folder / "tokenizer.model").write_bytes(b"")  # a placeholder: Llama.build finds it first; never read here
     return folder
 
@@ -314,22 +300,18 @@ def test_hf_shapes_that_do_not_match_config_json(checkpoints, tmp_path):
         load_checkpoint(folder, device="cpu")
 
 
-@pytest.mark.parametrize("dtype, message", [
-    ("float8", "unknown dtype 'float8'; choose one of float32, float16, bfloat16"),
-    (torch.int8, "not a floating-point type"),
-])
-def test_unknown_dtype(meta_dir, dtype, message):
-    with pytest.raises(CheckpointError, match=message):
-        Llama.build(meta_dir, device="cpu", dtype=dtype)
+def test_integer_dtype(meta_dir):
+    # (an unknown dtype name such as "float8": tests/test_devices.py, refused before any file is read)
+    with pytest.raises(CheckpointError, match="not a floating-point type"):
+        Llama.build(meta_dir, device="cpu", dtype=torch.int8)
 
 
 def test_cli_runs_the_meta_checkpoint(checkpoints):
     if checkpoints["name"] != "mha":
         pytest.skip("one format, one config is enough for the command line")
     folder, tok = checkpoints["meta"], checkpoints["tokenizer"]
-    r = subprocess.run([sys.executable, "-m", "llama_lite", "generate", "Once upon a time", "--checkpoint", str(folder),
-                        "--tokenizer", str(tok), "--device", "cpu", "--max-new-tokens", "6"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = run_llama_lite("generate", "Once upon a time", "--checkpoint", str(folder), "--tokenizer", str(tok),
+                       "--device", "cpu", "--max-new-tokens", "6", timeout=120)
     assert r.returncode == 0, r.stderr
     llama = Llama.build(folder, tok, device="cpu")
     (expected,), _ = llama.generate([llama.tokenizer.encode("Once upon a time", bos=True, eos=False)], 6, temperature=0)
@@ -341,11 +323,7 @@ def test_loading_does_not_import_the_compiler(smollm2_path):
     """Building the empty model on the meta device used to run nn.init and the RoPE table
     through PyTorch's reference implementations, whose first use imports torch._dynamo: about
     1.5 s of every process's first load. Loading must not need the compiler."""
-    import subprocess
-    import sys
-
     code = ("import sys; from llama_lite import Llama; Llama.build(); "
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
-

@@ -1,15 +1,13 @@
 """Device and dtype policy and the fit plan (llama_lite.devices), driven without a GPU by patching
 torch's device queries to look like a T4, an L4, an A100 40GB and an H100 80GB."""
 import contextlib
-import subprocess
-import sys
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_llama_lite
 from llama_lite import ModelArgs, Transformer
 from llama_lite.devices import (CheckpointError, GiB, default_dtype, plan_fit, resolve_device, resolve_dtype,
                                 weight_bytes)
@@ -131,8 +129,7 @@ def test_loading_fails_on_the_device_before_reading_any_file(tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--device", "cuda"], "no CUDA GPU"),
                                             (["--dtype", "float8"], "unknown dtype 'float8'")])
 def test_cli_device_without_cuda_exits_2_with_one_line(flags, message):
-    r = subprocess.run([sys.executable, "-m", "llama_lite", "generate", "hello", *flags], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = run_llama_lite("generate", "hello", *flags, timeout=120)
     assert r.returncode == 2
     assert r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

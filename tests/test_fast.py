@@ -5,15 +5,11 @@ benchmarks/decode_cpu.py."""
 import pytest
 import torch
 
+from conftest import random_model
 from llama_lite import ModelArgs
 from llama_lite.fast import compile_model, is_compiled
-from llama_lite.model import Transformer
 
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
-    return Transformer(args).eval()
+ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
 
 
 @torch.inference_mode()
@@ -36,7 +32,7 @@ def test_compiled_blocks_equal_eager_with_one_graph_per_shape_kind():
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
-    model = tiny_model()
+    model = random_model(ARGS)
     prompt = [5, 17, 42, 8, 3]
     eager_tokens, eager_logits = greedy_logits(model, prompt, 24)
     torch._dynamo.reset()
@@ -55,27 +51,8 @@ def test_compiled_blocks_equal_eager_with_one_graph_per_shape_kind():
 
 
 def test_compiled_model_keeps_its_checks():
-    model = compile_model(tiny_model())
+    model = compile_model(random_model(ARGS))
     with pytest.raises(ValueError, match="exceed max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="call setup_cache"):
         model(torch.zeros(1, 1, dtype=torch.long), 3)
-
-
-def test_cli_compile_flag_reaches_build(monkeypatch, capsys):
-    from llama_lite import __main__ as cli
-    from llama_lite.generation import Llama
-
-    seen = {}
-
-    def fake_build(*args, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("stop here")
-
-    monkeypatch.setattr(Llama, "build", staticmethod(fake_build))
-    assert cli.main(["generate", "hi", "--compile"]) == 2
-    assert seen["compile"] is True
-    seen.clear()
-    assert cli.main(["generate", "hi"]) == 2
-    assert not seen.get("compile", False)
-    assert "stop here" in capsys.readouterr().err

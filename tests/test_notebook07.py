@@ -1,32 +1,19 @@
 """Notebook 07's real-checkpoint path (what a GPU user with Llama-2 runs), executed end to end on
 the CPU against a tiny random checkpoint in Meta's format, with the real Llama-2 tokenizer beside
 it (vocab 32000). LLAMA_LITE_FORCE_REAL=1 makes the notebook load it instead of the stand-in."""
-import json
-import shutil
-
 import pytest
 import torch
 
-from conftest import ROOT
-from llama_lite import ModelArgs, Transformer
+from conftest import ROOT, tiny_meta
 
-
-def write_tiny_meta(folder, tokenizer):
-    folder.mkdir()
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5, "vocab_size": -1}
-    args = ModelArgs(**{k: v for k, v in params.items() if k != "vocab_size"}, vocab_size=32000, max_seq_len=4096)
-    torch.manual_seed(0)
-    state = {k: v.to(torch.bfloat16) for k, v in Transformer(args).state_dict().items()}
-    torch.save(state, folder / "consolidated.00.pth")
-    (folder / "params.json").write_text(json.dumps(params))
-    shutil.copy(tokenizer, folder / "tokenizer.model")
-    return folder
+PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5}
 
 
 def test_notebook07_runs_a_meta_checkpoint_end_to_end(llama2_tokenizer_path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    ckpt = write_tiny_meta(tmp_path / "llama-2-tiny", llama2_tokenizer_path)
+    ckpt = tmp_path / "llama-2-tiny"
+    tiny_meta(ckpt, PARAMS, vocab_size=32000, dtype=torch.bfloat16, tokenizer=llama2_tokenizer_path)
     monkeypatch.setenv("LLAMA2_CHECKPOINT", str(ckpt))
     monkeypatch.setenv("LLAMA_LITE_FORCE_REAL", "1")
     monkeypatch.setenv("LLAMA_LITE_FIGURES_DIR", str(tmp_path / "figures"))

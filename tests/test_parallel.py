@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cached_logits, random_model, write_meta
+
 # Tiny configs (head_dim 8; vocab, heads and FFN hidden sizes divisible by 2 and 3). gqa: 2 query
 # heads per kv head; mqa: one kv head, replicated on every rank; tied: the vocabulary-split embedding.
 CONFIGS = {
@@ -28,28 +30,11 @@ DECODE = [12, 70, 33]  # fed one at a time through the KV cache after the prompt
 TOL = 1e-5  # relative, fp32: the all-reduces sum the same terms in another order
 
 
-def _random_model(args, seed=0):
-    from llama_lite import Transformer
-
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
-    with torch.no_grad():  # norms away from 1 so that a misplaced norm weight would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
 @torch.inference_mode()
 def _run(model):
-    """Prompt logits, then logits of DECODE tokens through the KV cache."""
-    prompt = torch.tensor(TOKENS)
-    full = model(prompt)
-    model.setup_cache(1, 32)
-    model(prompt)
-    steps = [model(torch.tensor([[t]]), len(TOKENS[0]) + i) for i, t in enumerate(DECODE)]
-    model.clear_cache()
-    return full, torch.cat(steps, dim=1)
+    """Prompt logits without the KV cache, then the prompt prefilled into the cache and DECODE
+    tokens fed through it (the logits of every position)."""
+    return model(torch.tensor(TOKENS)), cached_logits(model, torch.tensor([TOKENS[0] + DECODE]), len(TOKENS[0]))
 
 
 def _diff(a, b):
@@ -76,7 +61,7 @@ def worker(folder: Path) -> None:
     result = {"backend": dist.get_backend()}
     for name, cfg in CONFIGS.items():
         args = ModelArgs(**cfg)
-        model = _random_model(args)
+        model = random_model(args)
         ref = _run(model)
         sharded = shard_model(model, mesh)
         sharded.setup_cache(1, 32)
@@ -96,7 +81,7 @@ def worker(folder: Path) -> None:
         dist.all_gather_object(reads, model.tensor_parallel["files_read"])
         result[kind] = dict(diff=_diff(_run(model), ref), files_read=reads, local_params=_local_params(model))
     try:  # a model whose 3 heads do not split over 2 ranks
-        shard_model(_random_model(ModelArgs(dim=48, n_layers=1, n_heads=3 if n == 2 else 2, vocab_size=96)), mesh)
+        shard_model(random_model(ModelArgs(dim=48, n_layers=1, n_heads=3 if n == 2 else 2, vocab_size=96)), mesh)
         result["error"] = None
     except ValueError as e:
         result["error"] = str(e)
@@ -107,7 +92,6 @@ def worker(folder: Path) -> None:
 
 
 # -- the test process: write the checkpoints, launch the workers --------------------------------------
-META_SPLIT = {"tok_embeddings": 1, "wo": 1, "w2": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0}
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +106,9 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     cfg = CONFIGS["mha"]
     args = ModelArgs(**cfg)
-    sd = {k: v.detach().clone() for k, v in _random_model(args, seed=1).state_dict().items()}
-    meta = root / "meta"
-    meta.mkdir()
+    sd = {k: v.detach().clone() for k, v in random_model(args, seed=1).state_dict().items()}
     params = {k: v for k, v in cfg.items() if k not in ("vocab_size", "max_seq_len")}
-    (meta / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
-    for i in range(2):
-        shard = {k: t.clone() if META_SPLIT.get(k.split(".")[-2]) is None else
-                 t.chunk(2, dim=META_SPLIT[k.split(".")[-2]])[i].clone() for k, t in sd.items()}
-        torch.save(shard, meta / f"consolidated.{i:02d}.pth")
+    write_meta(root / "meta", params, sd, n_shards=2)
     hf = root / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(hf_config(args)))

@@ -1,7 +1,9 @@
-"""The real Llama-2 tokenizer (tokenizer.model, sentencepiece) and Meta's chat format.
+"""llama_lite.tokenizer on the two real tokenizers it serves.
 
-References: sentencepiece's own SentencePieceProcessor for the ids, and Meta's chat_completion
-prompt construction (llama/generation.py, Llama-2 release), re-implemented below line for line.
+SmolLM2's (from its GGUF file) and its chat template: against transformers' tokenizer for the same
+GGUF. The Llama-2 tokenizer (tokenizer.model, sentencepiece) and Meta's chat format: against
+sentencepiece's own SentencePieceProcessor for the ids, and Meta's chat_completion prompt
+construction (llama/generation.py, Llama-2 release), re-implemented below line for line.
 """
 from typing import List
 
@@ -9,6 +11,35 @@ import pytest
 
 from llama_lite import Tokenizer
 
+# -- SmolLM2 (GGUF) against transformers ----------------------------------------------------------
+VARIED_TEXT = (
+    "Hello world! Ünïcödé façade, naïve café — 東京タワー, Привет мир, emoji 🦙🚀.\n"
+    "Digits: 3.14159, 1,000,000 and 2024-11-23; code:\n"
+    "    def f(x):\n\t\treturn x**2  # comment\n"
+    "   multiple   spaces\n\n\nnew lines, tabs\tand <|im_start|> as plain text? "
+)
+
+
+def test_smollm2_ids_equal_reference(llama, hf_smollm2):
+    _, hf_tok = hf_smollm2
+    ours = llama.tokenizer.encode(VARIED_TEXT, bos=False, eos=False)
+    assert ours == hf_tok(VARIED_TEXT, add_special_tokens=False)["input_ids"]
+    assert llama.tokenizer.decode(ours) == VARIED_TEXT
+
+
+def test_smollm2_chat_template_tokens_equal_reference(llama, hf_smollm2):
+    _, hf_tok = hf_smollm2
+    for dialog in (
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi!"},
+         {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "And 2+2?"}],
+    ):
+        ref = hf_tok.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+        ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+        assert llama.tokenizer.encode_dialog(dialog) == list(ref)
+
+
+# -- Llama-2 (sentencepiece) against sentencepiece and Meta's code ---------------------------------
 TEXTS = [
     "Hello, world!",
     " hello",  # a leading space becomes its own piece: 29871 '▁', then '▁hello'
@@ -167,5 +198,3 @@ def test_meta_signature_and_bad_input(llama2_tokenizer_path, tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         Tokenizer.from_sentencepiece(bad)
-    with pytest.raises(TypeError, match="takes a str"):
-        Tokenizer.from_sentencepiece(llama2_tokenizer_path).encode(b"bytes", bos=False, eos=False)

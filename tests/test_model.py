@@ -1,9 +1,11 @@
-"""llama_lite's Transformer against transformers' LlamaForCausalLM on the same random weights."""
+"""llama_lite's Transformer (llama_lite/model.py) against transformers' LlamaForCausalLM: on the
+same random weights (MHA, GQA, MQA, tied embeddings), and on the real SmolLM2-135M-Instruct weights
+(transformers loading the same GGUF). Cached decoding against this forward: tests/test_kv_cache.py."""
 import pytest
 import torch
 
-from conftest import to_hf
-from llama_lite import ModelArgs, Transformer
+from conftest import PROMPTS, random_model, to_hf
+from llama_lite import ModelArgs
 
 CONFIGS = {
     "mha": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False),
@@ -18,16 +20,6 @@ def tiny(**kw):
     return ModelArgs(**{**base, **kw})
 
 
-def random_model(args, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
-    with torch.no_grad():  # norms away from 1 so a mistake in them would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_equal_transformers(name):
     args = tiny(**CONFIGS[name])
@@ -38,21 +30,6 @@ def test_logits_equal_transformers(name):
         ours, ref = model(tokens), hf(tokens).logits
     assert ours.shape == (2, 37, args.vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-4
-
-
-@pytest.mark.parametrize("name", ["gqa", "mqa"])
-def test_cached_forward_equals_full_forward(name):
-    args = tiny(**CONFIGS[name])
-    model = random_model(args)
-    tokens = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(tokens)
-        model.setup_cache(2, 20)
-        # a 7-token prefill, a 5-token chunk, then one token at a time
-        parts = [model(tokens[:, :7], 0), model(tokens[:, 7:12], 7)]
-        parts += [model(tokens[:, i:i + 1], i) for i in range(12, 20)]
-        model.clear_cache()
-    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-4
 
 
 def test_layout_mixup_is_caught():
@@ -66,6 +43,16 @@ def test_layout_mixup_is_caught():
             hf.model.layers[i].self_attn.k_proj.weight.copy_(layer.attention.wk.weight)
         tokens = torch.randint(0, args.vocab_size, (1, 16))
         assert (model(tokens) - hf(tokens).logits).abs().max().item() > 1e-2
+
+
+def test_smollm2_last_position_logits_equal_reference(llama, hf_smollm2):
+    hf, _ = hf_smollm2
+    for prompt in PROMPTS:
+        x = torch.tensor([llama.tokenizer.encode(prompt, bos=False, eos=False)])
+        with torch.no_grad():
+            ours, ref = llama.model(x)[0, -1], hf(x).logits[0, -1]
+        span = (ref.max() - ref.min()).item()
+        assert (ours - ref).abs().max().item() / span <= 1e-3
 
 
 def test_forward_errors_are_clear():
