@@ -80,7 +80,7 @@ def main(argv=None):
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
     from llama_lite.quantize import model_bytes
-    from llama_lite.timing import cpu_description
+    from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
 
@@ -110,12 +110,10 @@ def main(argv=None):
         methods["llama_lite compiled"] = lambda: eager_run(compiled)
     int8 = Llama.build(quantize="int8")
     methods["llama_lite int8 cached"] = lambda: eager_run(int8)
-    native_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
     bf16 = None
-    if args.bf16 or native_bf16:
+    if args.bf16 or has_native_bf16():
         bf16 = Llama.build(dtype=torch.bfloat16)
         methods["llama_lite bf16 cached"] = lambda: eager_run(bf16)
-    llama_cpp = None
     if not args.no_llama_cpp:
         try:
             import llama_cpp
@@ -123,13 +121,12 @@ def main(argv=None):
             print("llama.cpp row skipped: pip install llama-cpp-python to add it")
         else:
             gguf = smollm2_gguf_path()
-            llama_cpp = llama_cpp.Llama(str(gguf), n_ctx=len(prompt) + n_new + 8, n_threads=args.threads,
-                                        n_batch=512, verbose=False)
+            cpp = llama_cpp.Llama(str(gguf), n_ctx=len(prompt) + n_new + 8, n_threads=args.threads,
+                                  n_batch=512, verbose=False)
 
             def cpp_run():
-                llama_cpp.reset()
                 out = []
-                for t in llama_cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
+                for t in cpp.generate(prompt, temp=0.0, top_k=1, reset=True):
                     out.append(t)
                     if len(out) == n_new:
                         break
@@ -163,7 +160,7 @@ def main(argv=None):
             t = time.perf_counter()
             outputs[name] = run()
             times[name].append(time.perf_counter() - t)
-    n_uncached = 16 if args.quick else n_new
+    n_uncached = min(16, n_new) if args.quick else n_new
     t = time.perf_counter()
     uncached = eager_run(fp32, cached=False, n=n_uncached)
     uncached_s = time.perf_counter() - t
@@ -188,10 +185,12 @@ def main(argv=None):
     print(f"{'llama_lite uncached':28s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")
     base = outputs["llama_lite cached"]
-    print(f"greedy tokens identical: cached vs uncached ({n_uncached}): {base[:n_uncached] == uncached}; "
-          + (f"compiled vs eager: {outputs['llama_lite compiled'] == base}" if compile_s else "")
-          + (f"; transformers vs llama_lite: {agreement(outputs['transformers generate'], base):.0%} agree"
-             if ref else ""))
+    same = [f"cached vs uncached ({n_uncached}): {base[:n_uncached] == uncached}"]
+    if compile_s:
+        same.append(f"compiled vs eager: {outputs['llama_lite compiled'] == base}")
+    if ref:
+        same.append(f"transformers vs llama_lite: {agreement(outputs['transformers generate'], base):.0%} agree")
+    print("greedy tokens identical: " + "; ".join(same))
 
     text = tok.encode(sample_text(), bos=tok.add_bos, eos=False)[:512]
     ppl = perplexity(fp32.model, text)

@@ -18,7 +18,7 @@ Steps, each timed, then one report:
   3. Execute notebook 07 end to end against the Meta folder (nbclient when installed, else its
      code cells in order in this process), save the executed notebook under --out, and print its
      outputs.
-  4. Run benchmarks/decode_gpu.py (eager, fast path, transformers: decode tok/s against the
+  4. Run benchmarks/decode_gpu.py (eager, compiled, transformers: decode tok/s against the
      bandwidth roofline), and an int8 vs 16-bit decode comparison through `Llama.build(quantize=)`.
 """
 from __future__ import annotations

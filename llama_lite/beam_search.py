@@ -15,8 +15,8 @@ from .model import Transformer
 
 @torch.inference_mode()
 def beam_search(model: Transformer, prompt_tokens: Sequence[int], num_beams: int, max_gen_len: int,
-        stop_ids: Sequence[int], pad_id: int = 0, length_penalty: float = 1.0,
-        early_stopping: bool | str = False) -> tuple[list[int], float]:
+                stop_ids: Sequence[int], length_penalty: float = 1.0,
+                early_stopping: bool | str = False) -> tuple[list[int], float]:
     """Beam search over one prompt, as transformers' generate(num_beams=k, do_sample=False).
 
     All k beams run as one batch of k rows: the prompt is prefilled once, its keys and
@@ -38,52 +38,63 @@ def beam_search(model: Transformer, prompt_tokens: Sequence[int], num_beams: int
     the stop token) and its score. Thread-safe: holds the model's lock while it runs.
     """
     if isinstance(prompt_tokens, (list, tuple)) and prompt_tokens and hasattr(prompt_tokens[0], "__len__") \
-    and getattr(prompt_tokens[0], "ndim", 1) != 0:
+            and getattr(prompt_tokens[0], "ndim", 1) != 0:
         raise ValueError("beam_search takes one prompt, a list of token ids (not a list of prompts)")
     V = model.params.vocab_size
+    stop_ids = check_stop_ids(stop_ids, V)
     check_beam_search(num_beams, max_gen_len, length_penalty, early_stopping, V, len(stop_ids))
     (prompt_tokens,) = check_prompt_tokens([prompt_tokens], V)
     with model_lock(model):
-        return _beam_search(model, prompt_tokens, num_beams, max_gen_len, stop_ids, pad_id, length_penalty,
-                    early_stopping)
+        return _beam_search(model, prompt_tokens, num_beams, max_gen_len, stop_ids, length_penalty, early_stopping)
+
+
+def check_stop_ids(stop_ids, vocab_size: int) -> list[int]:
+    """The ids that end a hypothesis, as a list of ints in [0, vocab_size)."""
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise TypeError(f"stop_ids is a list of token ids (e.g. the tokenizer's stop_ids), got {stop_ids!r}")
+    ids = list(stop_ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"stop_ids must be token ids in [0, {vocab_size}), got {ids!r}")
+    return ids
 
 
 def check_beam_search(num_beams: int, max_gen_len: int, length_penalty: float, early_stopping, vocab_size: int,
-              n_stop: int = 1) -> None:
+                      n_stop: int = 1) -> None:
     """beam_search's own settings, checked before any work."""
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1 (1 is greedy), got {num_beams!r}")
     if num_beams > vocab_size:
         raise ValueError(f"num_beams={num_beams} is larger than the vocabulary ({vocab_size} tokens): the first "
-                 "step could not give every beam its own token; use fewer beams")
+                         "step could not give every beam its own token; use fewer beams")
     if max(2, 1 + n_stop) > vocab_size:
         # each step ranks max(2, 1 + n_stop) x num_beams extensions out of num_beams x vocab_size
         raise ValueError(f"a vocabulary of {vocab_size} is too small for beam search with {n_stop} stop token(s)")
     if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
         raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
     if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool) or \
-    not float("-inf") < length_penalty < float("inf"):
+            not float("-inf") < length_penalty < float("inf"):
         raise ValueError(f"length_penalty must be a finite number (1.0 averages log-probabilities over the "
-                 f"length, 0.0 sums them), got {length_penalty!r}")
+                         f"length, 0.0 sums them), got {length_penalty!r}")
     if early_stopping not in (True, False, "never") or not isinstance(early_stopping, (bool, str)):
         raise ValueError(f"early_stopping must be True, False or 'never' (as transformers), got {early_stopping!r}")
 
 
 def _beam_search(model: Transformer, prompt_tokens: list[int], num_beams: int, max_gen_len: int,
-                 stop_ids: Sequence[int], pad_id: int, length_penalty: float, early_stopping) -> tuple[list[int], float]:
+                 stop_ids: list[int], length_penalty: float, early_stopping) -> tuple[list[int], float]:
     V = model.params.vocab_size
     if num_beams == 1:
         early_stopping = True  # the one beam stops when it ends: greedy search
     _, prompt_len, total_len = generation_lengths([prompt_tokens], max_gen_len, model.params.max_seq_len)
     k, device = num_beams, model.tok_embeddings.weight.device
-    stop = torch.tensor(list(stop_ids), device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     n_cand = max(2, 1 + len(stop_ids)) * k  # enough that k of them do not end
     top_k_mask = torch.arange(n_cand, device=device) < k  # only these may finish a hypothesis
     NEG = -1.0e9
 
     # Running beams (k, total_len) and their summed log-probs; all but beam 0 start at -1e9
-    # so the first step expands the prompt once, not k times.
-    running = torch.full((k, total_len), max(pad_id, 0), dtype=torch.long, device=device)
+    # so the first step expands the prompt once, not k times. Slots past a beam's length are
+    # never read (the model sees only positions it has reached), so 0 fills them.
+    running = torch.zeros((k, total_len), dtype=torch.long, device=device)
     running[:, :prompt_len] = torch.tensor(prompt_tokens, dtype=torch.long, device=device)
     running_scores = torch.zeros(k, device=device)
     running_scores[1:] = NEG

@@ -1,7 +1,7 @@
 """What every checkpoint reader shares: its JSON settings file read with one clear error, and the
 pages of a memory-mapped tensor handed back once it has been copied.
 
-Its own module so that checkpoint.py (Meta) and hf.py both use it without importing each other.
+Its own module because hf.py needs it and must not import checkpoint.py (which imports hf.py).
 """
 from __future__ import annotations
 

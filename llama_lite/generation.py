@@ -126,7 +126,7 @@ def generation_lengths(prompt_tokens: Sequence[Sequence[int]], max_gen_len: int,
 # One lock per model: generation installs its KV cache on the model, so two calls on one model
 # at once would overwrite each other's cache. Keyed weakly, and not an attribute of the model,
 # so copy.deepcopy(model) and pickling keep working.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
@@ -277,7 +277,7 @@ class Llama:
         from .beam_search import beam_search  # it builds on this module's checks: imported here, one-way
 
         return beam_search(self.model, prompt_tokens, num_beams, max_gen_len, self.tokenizer.stop_ids,
-                           self.tokenizer.pad_id, length_penalty, early_stopping)
+                           length_penalty, early_stopping)
 
     def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
                         top_k: int | None = None, max_gen_len: int | None = None, logprobs: bool = False,

@@ -1,8 +1,8 @@
 """GGUF, the format of the embedded SmolLM2-135M-Instruct: finding the file, parsing it (once),
 its metadata as ModelArgs, its tensors under this package's names, dequantized.
 
-The tokenizer reads its vocabulary from the same parsed file (tokenizer.py), so this module
-imports nothing of the loader.
+It imports nothing of the loader, so tokenizer.py reads its vocabulary from the same parsed
+file without importing checkpoint.py.
 """
 from __future__ import annotations
 

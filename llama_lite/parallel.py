@@ -315,11 +315,11 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
         torch.manual_seed(seed)
     if quantize is not None:
         raise ValueError("--quantize is not supported with several processes: the sharded model keeps float weights")
+    tok_file = tokenizer_file(ckpt_dir, tokenizer_path)  # before the weights: a missing one fails at once
     start = time.perf_counter()
     mesh, dev = init_distributed(torch.device(device).type if device else None)
     atexit.register(_close)
     model = load_sharded(ckpt_dir, mesh, dev, dtype, max_seq_len=max_seq_len)
-    tok_file = tokenizer_file(ckpt_dir, tokenizer_path)
     tokenizer = Tokenizer.load(tok_file or (Path(ckpt_dir) if ckpt_dir is not None else smollm2_gguf_path()))
     llama = Llama(model, tokenizer)
     llama.load_seconds = time.perf_counter() - start

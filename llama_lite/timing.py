@@ -73,10 +73,9 @@ def time_prefill_decode(model, prompt_len: int, n_decode: int = 16, seed: int = 
     return ttft, itl
 
 
-def cpu_description() -> str:
-    """The CPU in one line: model name, cores torch uses, the vector ISA torch's kernels picked
-    (torch.backends.cpu.get_cpu_capability) and the matrix/bf16/int8 extensions the CPU reports,
-    so figures from two machines can be compared."""
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, instruction-set flags) of this CPU, from /proc/cpuinfo on Linux; elsewhere
+    the platform's name and no flags."""
     import platform
 
     name, flags = platform.processor() or platform.machine(), set()
@@ -90,7 +89,21 @@ def cpu_description() -> str:
                     flags = set(value.split())
                     break
     except OSError:
-        pass  # not Linux: the name and torch's capability only
+        pass
+    return name, flags
+
+
+def has_native_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (x86 AVX512_BF16 or AMX, Arm BF16), where
+    bf16 weights can pay; elsewhere oneDNN emulates bf16, slower than float32."""
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_description() -> str:
+    """The CPU in one line: model name, cores torch uses, the vector ISA torch's kernels picked
+    (torch.backends.cpu.get_cpu_capability) and the matrix/bf16/int8 extensions the CPU reports,
+    so figures from two machines can be compared."""
+    name, flags = cpu_info()
     extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "sve")
                   if f in flags]
     return (f"{name}; {torch.get_num_threads()} threads; torch {torch.__version__} kernels: "

@@ -60,7 +60,7 @@ def llama2_tokenizer_path():
 
 
 # -- transformers references ---------------------------------------------------------------------
-def hf_config(args, **kw):
+def llama_config(args, **kw):
     """transformers' LlamaConfig for the same ModelArgs."""
     from transformers import LlamaConfig
 
@@ -75,7 +75,7 @@ def to_hf(model):
 
     from llama_lite.hf import hf_state_dict
 
-    hf = LlamaForCausalLM(hf_config(model.params)).eval()
+    hf = LlamaForCausalLM(llama_config(model.params)).eval()
     sd = {k: v.detach().clone() for k, v in hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)

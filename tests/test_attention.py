@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_config, random_model
+from conftest import llama_config, random_model
 from llama_lite import ModelArgs
 from llama_lite.attention import Attention, regroup_kv_weight, repeat_kv, with_kv_heads
 from llama_lite.positions import permute_interleaved_to_rotate_half, precompute_freqs_cis
@@ -34,7 +34,7 @@ def hf_attention(attn, args, permute=True):
     """transformers' LlamaAttention holding attn's weights (W_q/W_k rows in HF's rotate-half order)."""
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    ref = LlamaAttention(hf_config(args), layer_idx=0).eval()
+    ref = LlamaAttention(llama_config(args), layer_idx=0).eval()
     wq, wk = attn.wq.weight, attn.wk.weight
     if permute:
         wq = permute_interleaved_to_rotate_half(wq, args.n_heads)
@@ -49,7 +49,7 @@ def hf_forward(ref, args, x, start_pos=0):
 
     bsz, seqlen, _ = x.shape
     positions = torch.arange(start_pos, start_pos + seqlen)[None].expand(bsz, -1)
-    cos, sin = LlamaRotaryEmbedding(hf_config(args))(x, positions)
+    cos, sin = LlamaRotaryEmbedding(llama_config(args))(x, positions)
     mask = causal_mask(seqlen)[None, None].expand(bsz, 1, seqlen, seqlen)
     return ref(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
 

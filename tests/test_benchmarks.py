@@ -35,3 +35,16 @@ def test_decode_gpu_script_tiny_cpu(capsys):
     assert all(v > 0 for v in tps.values())
     first = outs["llama_lite eager"]
     assert len(first) == 16 and outs["llama_lite compiled"] == first and outs["transformers eager"] == first
+
+
+def test_decode_cpu_script_quick(smollm2_path):
+    """benchmarks/decode_cpu.py, its smallest run: the CPU line, the table, the quality lines."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_cpu.py"), "--quick", "--tokens", "4",
+                        "--no-hf", "--no-compile", "--no-llama-cpp"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "kernels:" in out.splitlines()[0]  # the CPU described first
+    assert "llama_lite cached" in out and "llama_lite int8 cached" in out and "roofline" in out
+    assert "greedy tokens identical: cached vs uncached (4): True" in out
+    assert "int8: weights" in out and "perplexity" in out

@@ -4,7 +4,7 @@ uncached decoding on random configs and on the real SmolLM2."""
 import pytest
 import torch
 
-from conftest import cached_logits, hf_config
+from conftest import cached_logits, llama_config
 from llama_lite import ModelArgs, kv_cache_bytes
 from llama_lite.kv_cache import KVCache
 from llama_lite.model import Transformer
@@ -88,7 +88,7 @@ def test_formula_equals_transformers_own_cache():
 
     args = CONFIGS["gqa"]
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_config(args)).eval()
+    hf = LlamaForCausalLM(llama_config(args)).eval()
     with torch.no_grad():
         out = hf(torch.randint(0, args.vocab_size, (3, 11)), use_cache=True)
     cache = out.past_key_values

@@ -5,7 +5,6 @@ GGUF. The Llama-2 tokenizer (tokenizer.model, sentencepiece) and Meta's chat for
 sentencepiece's own SentencePieceProcessor for the ids, and Meta's chat_completion prompt
 construction (llama/generation.py, Llama-2 release), re-implemented below line for line.
 """
-from typing import List
 
 import pytest
 
@@ -99,7 +98,7 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def meta_chat_tokens(sp, dialog) -> List[int]:
+def meta_chat_tokens(sp, dialog) -> list[int]:
     """Meta's code with its Tokenizer.encode(s, bos, eos) inlined as sentencepiece calls."""
 
     def encode(s, bos, eos):
@@ -120,7 +119,7 @@ def meta_chat_tokens(sp, dialog) -> List[int]:
     assert all([msg["role"] == "user" for msg in dialog[::2]]) and all(
         [msg["role"] == "assistant" for msg in dialog[1::2]]
     )
-    dialog_tokens: List[int] = sum(
+    dialog_tokens: list[int] = sum(
         [
             encode(
                 f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} ",
