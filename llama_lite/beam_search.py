@@ -5,6 +5,7 @@ tokenizer's stop ids.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -41,21 +42,25 @@ def beam_search(model: Transformer, prompt_tokens: Sequence[int], num_beams: int
             and getattr(prompt_tokens[0], "ndim", 1) != 0:
         raise ValueError("beam_search takes one prompt, a list of token ids (not a list of prompts)")
     V = model.params.vocab_size
-    stop_ids = check_stop_ids(stop_ids, V)
+    stop_ids = check_stop_ids(stop_ids)
     check_beam_search(num_beams, max_gen_len, length_penalty, early_stopping, V, len(stop_ids))
     (prompt_tokens,) = check_prompt_tokens([prompt_tokens], V)
     with model_lock(model):
         return _beam_search(model, prompt_tokens, num_beams, max_gen_len, stop_ids, length_penalty, early_stopping)
 
 
-def check_stop_ids(stop_ids, vocab_size: int) -> list[int]:
-    """The ids that end a hypothesis, as a list of ints in [0, vocab_size)."""
+def check_stop_ids(stop_ids) -> list[int]:
+    """The ids that end a hypothesis, as a list of ints. An id outside the vocabulary (a
+    tokenizer's -1 when it has no EOS) is allowed: the model never produces it, so it never stops."""
     if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
         raise TypeError(f"stop_ids is a list of token ids (e.g. the tokenizer's stop_ids), got {stop_ids!r}")
     ids = list(stop_ids)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-        raise ValueError(f"stop_ids must be token ids in [0, {vocab_size}), got {ids!r}")
-    return ids
+    try:
+        if any(isinstance(i, bool) for i in ids):
+            raise TypeError
+        return [operator.index(i) for i in ids]  # ints, numpy/torch integers; not floats
+    except TypeError:
+        raise TypeError(f"stop_ids must be integer token ids, got {ids!r}") from None
 
 
 def check_beam_search(num_beams: int, max_gen_len: int, length_penalty: float, early_stopping, vocab_size: int,

@@ -86,3 +86,20 @@ def test_kv_cache_is_batched_over_beams_and_freed(llama, monkeypatch):
     assert shapes == [(1, len(ids))] + [(4, 1)] * 5  # prompt prefilled once, then one row per beam
     assert calls and all(s == (4,) for s in calls)
     assert llama.model.caches == []
+
+
+def test_function_form_stop_ids():
+    """beam_search(model, prompt, stop ids) without a Llama: a stop id outside the vocabulary (a
+    tokenizer's -1 when it has no EOS) never matches, so every beam runs to max_gen_len; stop_ids
+    that are not integer ids are refused with a clear error."""
+    from conftest import random_model
+    from llama_lite import ModelArgs
+    from llama_lite.beam_search import beam_search
+
+    model = random_model(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=11, multiple_of=16, max_seq_len=32))
+    out, score = beam_search(model, [1, 2, 3], 3, 7, stop_ids=[-1])
+    assert len(out) == 7 and score < 0
+    with pytest.raises(TypeError, match="stop_ids is a list of token ids"):
+        beam_search(model, [1, 2, 3], 3, 7, stop_ids=None)
+    with pytest.raises(TypeError, match="stop_ids must be integer token ids"):
+        beam_search(model, [1, 2, 3], 3, 7, stop_ids=[2.0])
