@@ -13,6 +13,7 @@ memory.
     python benchmarks/decode_gpu.py --tiny --device cpu      # a small config, runs anywhere (tests)
 """
 import argparse
+import inspect
 import statistics
 import time
 
@@ -72,7 +73,10 @@ def hf_decode(hf, prompt, n):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    step = lambda x: hf(x, past_key_values=cache, use_cache=True).logits[:, -1]  # noqa: E731
+    # transformers 5.x renamed past_key_values to cache (the old name warns, then goes); a GPU
+    # machine may have either version
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    step = lambda x: hf(x, use_cache=True, **{key: cache}).logits[:, -1]  # noqa: E731
     return greedy(lambda: step(prompt), lambda tok, i: step(tok), n)
 
 
