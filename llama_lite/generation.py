@@ -177,9 +177,9 @@ class Llama:
         if ckpt_dir is None and device is None:
             device = "cpu"  # the embedded model is the CPU default, even where a GPU exists
         start = time.perf_counter()
-        model, path = load_checkpoint(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                      progress=progress, quantize=quantize)
-        tokenizer = Tokenizer.load(tok_file or path)  # a .gguf checkpoint carries its own
+        model, _ = load_checkpoint(ckpt_dir, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                  progress=progress, quantize=quantize)
+        tokenizer = Tokenizer.load(tok_file)
         if tokenizer.n_words != model.params.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.n_words} tokens but the model's vocabulary is "

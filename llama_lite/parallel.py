@@ -320,7 +320,7 @@ def build_llama(ckpt_dir=None, tokenizer_path=None, max_seq_len=None, device=Non
     mesh, dev = init_distributed(torch.device(device).type if device else None)
     atexit.register(_close)
     model = load_sharded(ckpt_dir, mesh, dev, dtype, max_seq_len=max_seq_len)
-    tokenizer = Tokenizer.load(tok_file or (Path(ckpt_dir) if ckpt_dir is not None else smollm2_gguf_path()))
+    tokenizer = Tokenizer.load(tok_file)
     llama = Llama(model, tokenizer)
     llama.load_seconds = time.perf_counter() - start
     return llama

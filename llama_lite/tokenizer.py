@@ -28,18 +28,22 @@ def find_tokenizer_model(ckpt_dir: Path) -> Path:
     )
 
 
-def tokenizer_file(ckpt_path=None, tokenizer_path=None) -> Path | None:
+def tokenizer_file(ckpt_path=None, tokenizer_path=None) -> Path:
     """The file that holds a checkpoint's tokenizer, found before any weight is read (so a
     missing one fails in milliseconds): tokenizer_path if given; for Meta's or Hugging Face's
-    folder, its tokenizer.model; None for a .gguf file or the embedded model, which carry their own."""
+    folder, its tokenizer.model; a .gguf file (None: the embedded model's) carries its own."""
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
             raise FileNotFoundError(f"tokenizer file {tokenizer_path} not found; tokenizer_path takes the path of a "
                                     "tokenizer.model (or .gguf) file")
         return Path(tokenizer_path)
-    if ckpt_path is not None and Path(ckpt_path).is_dir():
+    if ckpt_path is None:
+        from .gguf import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    if Path(ckpt_path).is_dir():
         return find_tokenizer_model(Path(ckpt_path))
-    return None
+    return Path(ckpt_path)
 
 
 class Tokenizer:

@@ -112,34 +112,12 @@ def tiny_hf_config(folder):
     (folder / "config.json").write_text(json.dumps(hf_config(args)))
 
 
-def _params_list(d):
-    tiny_meta(d)
-    (d / "params.json").write_text("[1, 2]")
-
-
-def _config_str(d):
-    tiny_hf_config(d)
-    (d / "config.json").write_text('"llama"')
-
-
-def _config_bad_json(d):
-    tiny_hf_config(d)
-    (d / "config.json").write_text('{"model_type": "llama",')
-
-
-def _index_bad_json(d):
-    tiny_hf_config(d)
-    (d / "model.safetensors.index.json").write_text('{"weight_map": {')
-
-
-def _index_no_map(d):
-    tiny_hf_config(d)
-    (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
-
-
-def _index_map_list(d):
-    tiny_hf_config(d)
-    (d / "model.safetensors.index.json").write_text('{"weight_map": ["model-00001.safetensors"]}')
+def _with(make, name, text):
+    """A folder made by `make` (tiny_meta or tiny_hf_config), then its file `name` overwritten with `text`."""
+    def write(d):
+        make(d)
+        (d / name).write_text(text)
+    return write
 
 
 def _only_stray_shard(d):
@@ -148,14 +126,18 @@ def _only_stray_shard(d):
 
 
 LOADERS = [  # (id, make the folder, path to pass (relative to it), exception, regex)
-    ("params.json is a list", _params_list, ".", CheckpointError, r"params\.json holds a JSON list, not an object"),
-    ("config.json is a str", _config_str, ".", CheckpointError, r"config\.json holds a JSON str, not an object"),
-    ("config.json broken", _config_bad_json, ".", CheckpointError, r"config\.json is not valid JSON"),
-    ("index.json broken", _index_bad_json, ".", CheckpointError,
+    ("params.json is a list", _with(tiny_meta, "params.json", "[1, 2]"), ".", CheckpointError,
+     r"params\.json holds a JSON list, not an object"),
+    ("config.json is a str", _with(tiny_hf_config, "config.json", '"llama"'), ".", CheckpointError,
+     r"config\.json holds a JSON str, not an object"),
+    ("config.json broken", _with(tiny_hf_config, "config.json", '{"model_type": "llama",'), ".", CheckpointError,
+     r"config\.json is not valid JSON"),
+    ("index.json broken", _with(tiny_hf_config, "model.safetensors.index.json", '{"weight_map": {'), ".", CheckpointError,
      r"model\.safetensors\.index\.json is not a valid index .*download it again"),
-    ("index.json without weight_map", _index_no_map, ".", CheckpointError,
+    ("index.json without weight_map", _with(tiny_hf_config, "model.safetensors.index.json", '{"metadata": {}}'), ".", CheckpointError,
      r"model\.safetensors\.index\.json has no 'weight_map'"),
-    ("index.json weight_map a list", _index_map_list, ".", CheckpointError,
+    ("index.json weight_map a list", _with(tiny_hf_config, "model.safetensors.index.json",
+                                           '{"weight_map": ["model-00001.safetensors"]}'), ".", CheckpointError,
      r"model\.safetensors\.index\.json is not a valid index"),
     ("only a duplicate shard", _only_stray_shard, ".", CheckpointError,
      r"no consolidated\.NN\.pth files .*consolidated\.00 \(1\)\.pth: rename it to consolidated\.00\.pth"),
