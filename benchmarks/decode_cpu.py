@@ -4,14 +4,15 @@ Runs, interleaved in one process and reporting the median of the repeats:
   llama_lite with KV cache (Llama.generate: the CLI's and the notebooks' path), the same
   model with its blocks compiled (llama_lite.fast; the first call compiles, or loads inductor's
   on-disk cache), transformers' generate on the same GGUF weights, llama_lite int8
-  (weight-only), bfloat16 (by default only where the CPU has bf16 instructions; --bf16 forces
-  it), llama.cpp on the GGUF file's own quantized weights when llama-cpp-python is installed
+  (weight-only), llama_lite W8A8 (int8 weights and activations, where the CPU's int8 kernel is
+  exact), bfloat16 (by default only where the CPU has bf16 instructions; --bf16 forces it),
+  llama.cpp on the GGUF file's own quantized weights when llama-cpp-python is installed
   (the fastest CPU engine, as a peer); llama_lite without KV cache once (it is quadratic).
 Prints the CPU (vector ISA, bf16/AMX/VNNI flags) first.
 Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth rooflines
 (bytes of weights read per token / measured bandwidth: of a copy, reads + writes counted,
-and of a read-only sum), the quality cost of int8/bf16 (perplexity on
-llama_lite.evaluate.sample_text, greedy agreement with fp32), and the time from GGUF file to
+and of a read-only sum), the quality cost of int8/W8A8/bf16 (perplexity on
+llama_lite.evaluate.sample_text, greedy tokens shared with fp32), and the time from GGUF file to
 ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
@@ -54,6 +55,49 @@ def load_seconds(repeats: int) -> dict:
     return {"first": first, "parse": statistics.median(parse), "total": statistics.median(total)}
 
 
+def decode_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every projection (a tied output counts the
+    embedding table once) and the norms' gains; of the embedding table only one row, nothing.
+    A W8A8Linear reads its packed int8 copy; its plain int8 one serves prompts only."""
+    from torch import nn
+
+    from llama_lite.norm import RMSNorm
+    from llama_lite.quantize import Int8Linear, W8A8Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            total += m.nbytes
+        elif isinstance(m, (Int8Linear, nn.Linear, RMSNorm)):
+            total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    return total
+
+
+def linears_alone(model, repeats: int = 5) -> tuple[int, float]:
+    """(number of linear layers, seconds) for one pass of a single token's activation through
+    every nn.Linear of the model in order, nothing else: the float32 matmuls' share of a decode
+    step, and so the fastest a float32 decode step could be with every other op free."""
+    from torch import nn
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = {m.in_features: torch.randn(1, 1, m.in_features) for m in linears}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pass warms up
+            t = time.perf_counter()
+            for m in linears:
+                m(inputs[m.in_features])
+            times.append(time.perf_counter() - t)
+    return len(linears), statistics.median(times[1:])
+
+
+def first_difference(a, b) -> int:
+    """How many greedy tokens two runs share before they part (greedy decoding never rejoins a
+    path, so after the first difference the position-by-position agreement is chance)."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def agreement(a, b) -> float:
     """Fraction of greedy tokens equal position by position (over the shorter list)."""
     n = min(len(a), len(b))
@@ -79,7 +123,7 @@ def main(argv=None):
     from llama_lite.evaluate import perplexity, sample_text
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
-    from llama_lite.quantize import model_bytes
+    from llama_lite.quantize import quantize_model_w8a8, w8a8_available
     from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
@@ -110,6 +154,13 @@ def main(argv=None):
         methods["llama_lite compiled"] = lambda: eager_run(compiled)
     int8 = Llama.build(quantize="int8")
     methods["llama_lite int8 cached"] = lambda: eager_run(int8)
+    w8a8 = None
+    ok, why = w8a8_available()
+    if ok:
+        w8a8 = Llama.build(quantize="w8a8")
+        methods["llama_lite w8a8 cached"] = lambda: eager_run(w8a8)
+    else:
+        print(f"w8a8 row skipped: {why}")
     bf16 = None
     if args.bf16 or has_native_bf16():
         bf16 = Llama.build(dtype=torch.bfloat16)
@@ -166,7 +217,7 @@ def main(argv=None):
     uncached_s = time.perf_counter() - t
 
     tps = {k: n_new / statistics.median(v) for k, v in times.items()}
-    weights = model_bytes(fp32.model)
+    weights = decode_bytes(fp32.model)
     roofline, read_roofline = bw / weights, read_bw / weights
     ref = tps.get("transformers generate")
     print(f"SmolLM2-135M, batch 1, greedy, prompt {len(prompt)} tokens, {n_new} new tokens, "
@@ -178,9 +229,13 @@ def main(argv=None):
         if name.startswith("llama.cpp"):
             b = smollm2_gguf_path().stat().st_size  # its quantized weights, as stored in the file
         else:
-            b = model_bytes((int8 if "int8" in name else bf16 if "bf16" in name else fp32).model)
+            b = decode_bytes((int8 if "int8" in name else w8a8 if "w8a8" in name else bf16 if "bf16" in name
+                              else fp32).model)
         print(f"{name:28s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
               f"{v / (read_bw / b):17.0%}")
+    n_linear, linear_s = linears_alone(fp32.model)
+    print(f"{'(float32 linears alone)':28s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
+          f"   (the {n_linear} nn.Linear of one decode step, nothing else: {linear_s * 1e3:.1f} ms per token)")
     un_tps = n_uncached / uncached_s
     print(f"{'llama_lite uncached':28s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")
@@ -195,13 +250,22 @@ def main(argv=None):
     text = tok.encode(sample_text(), bos=tok.add_bos, eos=False)[:512]
     ppl = perplexity(fp32.model, text)
     print(f"quality on sample_text ({len(text)} tokens): fp32 perplexity {ppl:.3f}")
-    for name, other in [("int8", int8)] + ([("bf16", bf16)] if bf16 else []):
-        print(f"  {name}: weights {model_bytes(other.model) / 1e6:.0f} MB, perplexity "
-              f"{perplexity(other.model, text):.3f}, greedy agreement with fp32 "
-              f"{agreement(outputs[f'llama_lite {name} cached'], base):.0%}")
+    others = [("int8", int8)] + ([("w8a8", w8a8)] if w8a8 else []) + ([("bf16", bf16)] if bf16 else [])
+    for name, other in others:
+        # W8A8 runs one kernel for a decode step and another for a prompt: both are scored
+        print(f"  {name}: {decode_bytes(other.model) / 1e6:.0f} MB read per token, perplexity "
+              f"{perplexity(other.model, text):.3f}"
+              + (f" (one forward), {perplexity(other.model, text, stepwise=True):.3f} (token by token, as decoded)"
+                 if name == "w8a8" else "")
+              + f", greedy tokens equal to fp32's: the first {first_difference(outputs[f'llama_lite {name} cached'], base)}"
+              f" of {len(base)}")
+    if w8a8:
+        everything = quantize_model_w8a8(Llama.build().model, keep_float=())
+        print(f"  w8a8 with W_2 in int8 too (what it leaves in float32): perplexity {perplexity(everything, text):.3f}")
     for name in outputs:
         if name.startswith("llama.cpp"):
-            print(f"{name}: greedy agreement with llama_lite fp32 {agreement(outputs[name], base):.0%} "
+            print(f"{name}: greedy tokens equal to llama_lite fp32's: the first {first_difference(outputs[name], base)} "
+                  f"of {len(base)} "
                   "(its own quantized weights and kernels)")
     if compile_s:
         print(f"compiled model: first call ({n_new} tokens, compiling or loading inductor's cache) {compile_s:.0f} s")

@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: bfloat16 on a GPU that has it (A100, L4, H100), "
                             "float16 on older ones (T4, V100), float32 on a CPU")
         s.add_argument("--max-seq-len", type=int, default=None)
-        s.add_argument("--quantize", choices=["int8"], default=None,
-                       help="int8 weights (half of bf16's memory: a 7B on a 16 GB GPU)")
+        s.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
+                       help="int8: int8 weights (half of bf16's memory: a 7B on a 16 GB GPU); "
+                            "w8a8: int8 weights and activations on the CPU, faster than float32")
         s.add_argument("--compile", action="store_true",
                        help="torch.compile the model's blocks: the first run waits for the compiler (tens of "
                             "seconds on a CPU), later runs reuse its on-disk cache")
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
 
+    from .checkpoint import check_quantize
     from .devices import CheckpointError, resolve_device, resolve_dtype
     from .generation import Llama
 
@@ -93,8 +95,9 @@ def main(argv=None) -> int:
     build = build_llama if tp else Llama.build
     try:
         _check_before_loading(args)
-        if args.device is not None or args.dtype is not None:  # checked before anything is loaded
-            resolve_dtype(args.dtype, resolve_device(args.device or ("cpu" if args.checkpoint is None else None)))
+        if args.device is not None or args.dtype is not None or args.quantize:  # checked before anything is loaded
+            device = resolve_device(args.device or ("cpu" if args.checkpoint is None else None))
+            check_quantize(args.quantize, device, resolve_dtype(args.dtype, device))
         if args.compile and tp:
             raise ValueError("--compile is for one process; under torchrun the sharded model runs eagerly")
         extra = dict(compile=True) if args.compile else {}

@@ -28,7 +28,7 @@ from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
 from .model import Transformer
-from .quantize import Int8Linear
+from .quantize import W8A8_FLOAT, Int8Linear, W8A8Linear, w8a8_available
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -207,6 +207,23 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def check_quantize(quantize: str | None, device, dtype: torch.dtype | None) -> None:
+    """quantize is None, "int8" (weight-only, any device) or "w8a8" (int8 weights and
+    activations: CPU, float32, a CPU whose int8 kernel is exact; see quantize.py)."""
+    if quantize not in (None, "int8", "w8a8"):
+        raise CheckpointError(f"quantize={quantize!r} is not supported; use None, 'int8' or 'w8a8'")
+    if quantize != "w8a8":
+        return
+    if torch.device(device).type != "cpu":
+        raise CheckpointError(f"quantize='w8a8' runs on the CPU, not {device}: pass device='cpu' (--device cpu), "
+                              "or on a GPU use quantize='int8'")
+    if dtype not in (None, torch.float32):
+        raise CheckpointError(f"quantize='w8a8' computes in float32, not {dtype}; leave dtype unset or use float32")
+    ok, why = w8a8_available()
+    if not ok:
+        raise CheckpointError(f"quantize='w8a8' is not available: {why}; use quantize='int8' (weight-only)")
+
+
 def empty_model(args: ModelArgs) -> Transformer:
     """The model on the meta device: its shapes, no memory, no random initialisation."""
     with torch.device("meta"), _SkipInit():
@@ -218,9 +235,9 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
                 quantize: str | None = None) -> Transformer:
     """Build the model on the meta device, then fill it one tensor at a time. quantize="int8"
     turns each Linear but the output into an Int8Linear as its weight arrives, so the full
-    precision model never exists on the device (a 7B then fits a 16 GB GPU)."""
-    if quantize not in (None, "int8"):
-        raise CheckpointError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+    precision model never exists on the device (a 7B then fits a 16 GB GPU). quantize="w8a8"
+    (CPU, float32) turns each Linear but W_2 into a W8A8Linear: int8 that decodes faster."""
+    check_quantize(quantize, device, dtype)
     model = empty_model(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:
@@ -244,9 +261,12 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         mapped = getattr(t, "_llama_lite_mapped", False)
-        if quantize and isinstance(module, nn.Linear) and name != "output.weight":
+        if quantize == "int8" and isinstance(module, nn.Linear) and name != "output.weight":
             parent_name, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, Int8Linear(t.to(device), dtype))
+        elif quantize == "w8a8" and isinstance(module, nn.Linear) and not module_name.endswith(W8A8_FLOAT):
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, W8A8Linear(t.to(dtype)))
         else:
             value = t.to(device=device, dtype=dtype)
             if mapped and value is t:
@@ -260,6 +280,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; is the download complete?")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+        if quantize == "w8a8":  # the output's int8 copy; the embedding table stays float for lookups
+            model.output = W8A8Linear(model.tok_embeddings.weight)
     return model.eval()
 
 
@@ -307,6 +329,7 @@ def load_checkpoint(path=None, device=None, dtype=None, max_seq_len: int | None 
     path=None is the embedded SmolLM2-135M-Instruct."""
     device = resolve_device(device)  # a device or dtype this machine cannot give fails here, before any file is read
     dtype = resolve_dtype(dtype, device)
+    check_quantize(quantize, device, dtype)
     path = smollm2_gguf_path() if path is None else Path(path)
     overrides = check_overrides(max_seq_len=max_seq_len)
     kind = detect_format(path)
@@ -337,6 +360,6 @@ def read_model_args(path=None, **overrides) -> ModelArgs:
     return hf_model_args(path, **overrides)
 
 
-__all__ = ["load_checkpoint", "read_model_args", "detect_format", "check_overrides",
+__all__ = ["load_checkpoint", "read_model_args", "detect_format", "check_overrides", "check_quantize",
            "materialize", "empty_model", "meta_shards", "meta_model_args", "meta_model_args_from_params",
            "meta_tensors", "meta_slice_reader"]

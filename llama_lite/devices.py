@@ -156,6 +156,8 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: str | None = Non
     output projection stay in `dtype` (tests check this against model_bytes of a built model)."""
     from .config import count_parameters
 
+    if quantize not in (None, "int8"):  # w8a8 is a CPU speed option, not one the memory plan makes
+        raise ValueError(f"weight_bytes knows quantize=None or 'int8', not {quantize!r}")
     e = _element(dtype)
     total = count_parameters(args) * e
     if quantize == "int8":

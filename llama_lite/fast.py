@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpoint import empty_model
 from .model import Transformer
-from .quantize import Int8Linear
+from .quantize import is_quantized
 
 # RoPE multiplies complex numbers (Meta's form, notebook 02); inductor runs those few ops as
 # ATen calls around its fused code and warns once per graph. The result is exact; the warning
@@ -53,7 +53,7 @@ def is_compiled(model: nn.Module) -> bool:
 def compiled_copy(model: Transformer, **options) -> Transformer:
     """A second Transformer holding the same weight tensors as `model` (nothing is copied), its
     blocks compiled: the eager and the compiled path side by side, as the benchmarks time them."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("compiled_copy needs a float model; compile an int8 model in place with compile_model")
     twin = empty_model(model.params)
     twin.load_state_dict(model.state_dict(), assign=True)

@@ -16,7 +16,7 @@ from .config import ModelArgs
 from .devices import CheckpointError
 from .files import read_settings, release_pages
 from .positions import permute_interleaved_to_rotate_half, permute_rotate_half_to_interleaved
-from .quantize import Int8Linear
+from .quantize import is_quantized
 
 
 # -- config.json ----------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def hf_state_dict(model_or_state, args: ModelArgs | None = None) -> dict[str, to
     names with its ModelArgs. Tests and benchmarks build their transformers reference, and write
     Hugging Face checkpoints, with it."""
     if isinstance(model_or_state, nn.Module):
-        if any(isinstance(m, Int8Linear) for m in model_or_state.modules()):
+        if is_quantized(model_or_state):
             raise ValueError("hf_state_dict needs a float model; this one has int8 weights (quantize=None when loading)")
         args, state = model_or_state.params, dict(model_or_state.named_parameters(remove_duplicate=False))
     else:

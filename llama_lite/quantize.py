@@ -17,7 +17,14 @@ bytes themselves. Two paths, chosen per device by `int8_matmul_path` and reporte
 * "dequantize": convert the weight to the activations' dtype and call F.linear: 1 byte read,
   2 written, 2 read again per weight and call (about 5 bytes against bf16's 2), so on a
   bandwidth-bound decode it is slower than bf16; only the memory saving remains.
+
+On a CPU neither beats float32 at batch 1. W8A8Linear (quantize="w8a8", below) does: it
+quantizes the activations to int8 too, and multiplies int8 by int8 with the CPU's dot-product
+instructions; it trades some accuracy (measured by tests/test_quantize.py and
+benchmarks/decode_cpu.py) for speed, not memory.
 """
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,12 +128,112 @@ def quantize_model_int8(model: nn.Module, skip=("output",)) -> nn.Module:
     return model
 
 
+# -- W8A8 on the CPU: int8 weights *and* int8 activations -------------------------------------
+#
+# Weight-only int8 saves memory, but no PyTorch CPU kernel makes it faster than float32 at
+# batch 1. FBGEMM's dynamic quantized linear does: it quantizes its input to 8 bits in C++ and
+# multiplies int8 by int8 into int32 with the CPU's dot-product instructions. Quantizing
+# activations costs accuracy where they have outliers, and one projection has them: the input
+# of W_2, silu(x W_1) * (x W_3), a product of two projections (on SmolLM2, W_2 in int8 too
+# raises perplexity several times as much as all the others together: tests/test_quantize.py
+# asserts it, decode_cpu.py prints both). So W_2 stays in floating point.
+
+W8A8_FLOAT = ("feed_forward.w2",)  # module names (suffixes) quantize_model_w8a8 leaves in float32
+_W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
+
+
+def w8a8_available() -> tuple[bool, str]:
+    """(whether W8A8Linear runs correctly here, why not). Tried once per process on the input
+    that breaks kernels which add u8 x s8 products in 16 bits (x86 without VNNI saturates there:
+    255 * 127 * 2 > 32767), so a CPU that would give wrong answers is refused, not used."""
+    if not _W8A8:
+        try:
+            layer = W8A8Linear(torch.ones(8, 64), _probe=False)
+            ones = torch.ones(1, 64)  # every activation 255 (or 127), every weight 127: the answer is 64
+            outs = [layer(ones), layer(ones.expand(3, 64))]
+            ok = all(torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3) for out in outs)
+            _W8A8.update(ok=ok, why="" if ok else "this CPU's int8 kernel saturates "
+                         f"({min(o.min().item() for o in outs):.1f} for 64.0): it lacks VNNI")
+        except (RuntimeError, AttributeError, NotImplementedError) as e:  # a torch without these kernels
+            _W8A8.update(ok=False, why=f"this torch has no CPU int8 x int8 kernel ({type(e).__name__}: {e})")
+    return _W8A8["ok"], _W8A8["why"]
+
+
+class W8A8Linear(nn.Module):
+    """y = x W^T with W as int8 (quantize_int8: one scale per output row) and each token's x
+    quantized to 8 bits on every call, the products summed exactly in int32, then scaled back.
+    CPU only; float32 in and out (other float dtypes are converted).
+
+    One token (a decode step): FBGEMM's torch.ops.quantized.linear_dynamic, which maps x's range
+    (widened to include 0) onto 0..255 with a zero point. Several tokens (a prompt): each row
+    its own symmetric scale, max|x_row| / 127, and torch._int_mm, int8 x int8 -> int32.
+    FBGEMM's op would give the whole block one scale: one token with large activations (the
+    first, often) would coarsen every other token's."""
+
+    def __init__(self, weight: torch.Tensor, _probe: bool = True):
+        super().__init__()
+        if _probe:
+            ok, why = w8a8_available()
+            if not ok:
+                raise RuntimeError(f"W8A8 int8 is not available: {why}; use quantize='int8' (weight-only)")
+        if weight.device.type != "cpu":
+            raise ValueError(f"W8A8Linear runs on the CPU; this weight is on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)
+        self.register_buffer("weight", q)  # (out, in) int8, for the several-token path
+        self.register_buffer("scale", scale)  # (out,) float32
+        with warnings.catch_warnings():
+            # FBGEMM's packing takes a quantized tensor, a type torch has deprecated (torchao, a
+            # separate install, replaces it); w8a8_available() notices if a torch removes it.
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.nbytes = q.numel() + 8 * self.out_features  # the packed copy (not a buffer): model_bytes adds it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, x.float()
+        rows = x.numel() // self.in_features
+        if rows == 1:
+            # reduce_range=False: all 8 bits for the activation, not the 7 that keep a CPU
+            # without VNNI from saturating; w8a8_available() refuses such a CPU instead.
+            return torch.ops.quantized.linear_dynamic(x, self._packed, False).to(dtype)
+        flat = x.reshape(rows, self.in_features)
+        x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
+        x_int8 = torch.round(flat / x_scale).to(torch.int8)
+        out = torch._int_mm(x_int8, self.weight.t()) * x_scale * self.scale  # (rows, out), int32 -> float
+        return out.reshape(*x.shape[:-1], self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+
+
+def quantize_model_w8a8(model: nn.Module, keep_float=W8A8_FLOAT) -> nn.Module:
+    """Replace every nn.Linear of a CPU model, but those whose name ends with one of keep_float,
+    by a W8A8Linear, in place. The output projection is included: it is the largest matrix, and
+    its int8 error costs less perplexity than W_2's (decode_cpu.py measures both)."""
+    ok, why = w8a8_available()
+    if not ok:
+        raise RuntimeError(f"W8A8 int8 is not available: {why}; use quantize='int8' (weight-only)")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not full.endswith(tuple(keep_float)):
+                setattr(module, child_name, W8A8Linear(child.weight.data))
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any Linear of the model is int8 (Int8Linear or W8A8Linear)."""
+    return any(isinstance(m, (Int8Linear, W8A8Linear)) for m in model.modules())
+
+
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each shared tensor counted once."""
+    """Bytes of all parameters and buffers, each shared tensor counted once, and of the packed
+    weights of W8A8Linear layers."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = id(t) if t.is_meta else t.data_ptr()  # meta tensors have no memory: every data_ptr is 0
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, W8A8Linear))

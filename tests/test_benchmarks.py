@@ -47,4 +47,11 @@ def test_decode_cpu_script_quick(smollm2_path):
     assert "kernels:" in out.splitlines()[0]  # the CPU described first
     assert "llama_lite cached" in out and "llama_lite int8 cached" in out and "roofline" in out
     assert "greedy tokens identical: cached vs uncached (4): True" in out
-    assert "int8: weights" in out and "perplexity" in out
+    assert "the 211 nn.Linear of one decode step, nothing else" in out  # SmolLM2: 30 x 7 + the output
+    assert "int8: " in out and "MB read per token, perplexity" in out
+    from llama_lite.quantize import w8a8_available
+
+    if w8a8_available()[0]:
+        assert "llama_lite w8a8 cached" in out and "w8a8 with W_2 in int8 too" in out
+    else:
+        assert "w8a8 row skipped: " + w8a8_available()[1] in out

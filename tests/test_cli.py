@@ -2,6 +2,8 @@
 Python API's, and its flags reach Llama.build. (Each bad input's message: tests/test_errors.py.)"""
 import copy
 
+import pytest
+
 from conftest import run_llama_lite as run
 from llama_lite import Llama
 from llama_lite import __main__ as cli
@@ -32,10 +34,17 @@ def test_bad_input_exits_2_with_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
 
 
-def test_int8_generate(llama):
-    r = run("generate", "The capital of France is", "--max-new-tokens", "8", "--quantize", "int8")
+@pytest.mark.parametrize("kind", ["int8", "w8a8"])
+def test_int8_generate(llama, kind):
+    """--quantize prints what the same quantization of the loaded model generates in-process."""
+    from llama_lite.quantize import quantize_model_w8a8, w8a8_available
+
+    if kind == "w8a8" and not w8a8_available()[0]:
+        pytest.skip(w8a8_available()[1])
+    r = run("generate", "The capital of France is", "--max-new-tokens", "8", "--quantize", kind)
     assert r.returncode == 0, r.stderr
-    int8 = Llama(quantize_model_int8(copy.deepcopy(llama.model)), llama.tokenizer)
+    quantize = quantize_model_int8 if kind == "int8" else quantize_model_w8a8
+    int8 = Llama(quantize(copy.deepcopy(llama.model)), llama.tokenizer)
     ids = llama.tokenizer.encode("The capital of France is", bos=False, eos=False)
     (expected,), _ = int8.generate([ids], 8, temperature=0)
     assert r.stdout == llama.tokenizer.decode(expected) + "\n"

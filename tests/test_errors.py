@@ -92,6 +92,9 @@ BUILD = [
     ("max_seq_len=2.5", dict(max_seq_len=2.5), ValueError, r"max_seq_len must be an integer >= 1 .*got 2\.5"),
     ("seed=2**70", dict(seed=2 ** 70), ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
     ("seed=1.5", dict(seed=1.5), ValueError, r"seed must be an integer"),
+    ("quantize=int4", dict(quantize="int4"), CheckpointError, r"quantize='int4' is not supported; use None, 'int8' or 'w8a8'"),
+    ("w8a8 in bf16", dict(quantize="w8a8", dtype=torch.bfloat16), CheckpointError,
+     r"quantize='w8a8' computes in float32, not torch\.bfloat16; leave dtype unset or use float32"),
 ]
 
 
@@ -238,6 +241,8 @@ CLI = [
     ("--checkpoint missing", ["generate", "hi", "--checkpoint", "/no/such/llama-2-7b"], r"/no/such/llama-2-7b not found"),
     ("--tokenizer missing", ["generate", "hi", "--tokenizer", "/no/such/tokenizer.model"],
      r"tokenizer file /no/such/tokenizer\.model not found"),
+    ("--quantize w8a8 --dtype bfloat16", ["generate", "hi", "--quantize", "w8a8", "--dtype", "bfloat16"],
+     r"quantize='w8a8' computes in float32"),
     ("no prompt", ["generate"], r"the following arguments are required: prompt"),
     ("unknown command", ["complete", "hi"], r"invalid choice: 'complete'"),
 ]

@@ -64,3 +64,16 @@ def test_forward_errors_are_clear():
         model(torch.zeros(1, 3, dtype=torch.long), start_pos=5)
     with pytest.raises(ValueError, match=r"\(batch, seq\)"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_perplexity_token_by_token_equals_one_forward():
+    """evaluate.perplexity(stepwise=True) scores through the KV cache, one token per forward;
+    in float it is the one-forward number, and it leaves the model without a cache."""
+    from llama_lite.evaluate import perplexity
+
+    torch.manual_seed(0)
+    model = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                                   max_seq_len=32))
+    tokens = torch.randint(0, 97, (20,)).tolist()
+    assert perplexity(model, tokens, stepwise=True) == pytest.approx(perplexity(model, tokens), rel=1e-5)
+    assert not model.caches

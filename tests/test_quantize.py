@@ -137,3 +137,132 @@ def test_int8_matmul_path_is_one_of_two():
     for device in ("cpu", "cuda", "mps", "meta"):
         assert int8_matmul_path(device) in ("int8pack_mm", "dequantize")
     assert int8_matmul_path("meta") == "dequantize"
+
+
+# -- W8A8 on the CPU: int8 weights and activations ----------------------------------------------
+def _w8a8_or_skip():
+    from llama_lite.quantize import w8a8_available
+
+    ok, why = w8a8_available()
+    if not ok:
+        pytest.skip(why)
+
+
+def test_w8a8_linear_is_the_int8_arithmetic_written_out():
+    """Both paths computed here by hand from quantize_int8's weights, the int32 products exact.
+    One token (FBGEMM): x's range, widened to include 0, mapped onto 0..255 with a zero point.
+    Several tokens: each row's own symmetric scale, max|x_row| / 127."""
+    from llama_lite.quantize import W8A8Linear
+
+    _w8a8_or_skip()
+    torch.manual_seed(0)
+    w = torch.randn(96, 160) * torch.rand(96, 1)
+    layer = W8A8Linear(w)
+    q, scale = quantize_int8(w)
+    q64, scale64 = q.double(), scale.double()
+
+    x = torch.randn(1, 1, 160) * 3 + 0.5
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    x_scale = (hi - lo) / 255
+    zero = round(-lo / x_scale)
+    x_int = (torch.round(x.double() / x_scale) + zero).clamp(0, 255) - zero
+    by_hand = (x_int @ q64.T) * x_scale * scale64
+    out = layer(x)
+    assert out.shape == (1, 1, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), by_hand, rtol=1e-6, atol=1e-6 * by_hand.abs().max().item())
+
+    x = torch.randn(2, 7, 160) * torch.rand(2, 7, 1) * 10  # rows of very different sizes
+    x_scale = x.double().abs().amax(-1, keepdim=True) / 127
+    by_hand = (torch.round(x.double() / x_scale) @ q64.T) * x_scale * scale64
+    out = layer(x)
+    assert out.shape == (2, 7, 96)
+    torch.testing.assert_close(out.double(), by_hand, rtol=1e-6, atol=1e-6 * by_hand.abs().max().item())
+    # the activations' rounding is an error of its own, beyond the weights' (Int8Linear's)
+    weight_only = F.linear(x.double(), q64 * scale64[:, None])
+    assert (out.double() - weight_only).abs().max() > 1e-3 * weight_only.abs().max()
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_w8a8_refuses_a_cpu_whose_int8_kernel_saturates(monkeypatch):
+    """Without VNNI, x86 kernels add pairs of u8 x s8 products in 16 bits and saturate; the probe
+    in w8a8_available() sees that and every w8a8 entry point refuses with the reason."""
+    from llama_lite import Llama, quantize
+
+    def saturating(self, x):  # what such a kernel returns on the probe: pairs clipped at 32767
+        return torch.full((*x.shape[:-1], self.out_features), 32767 * (x.shape[-1] // 2) / (255 * 127))
+
+    monkeypatch.setattr(quantize.W8A8Linear, "forward", saturating)
+    monkeypatch.setattr(quantize, "_W8A8", {})
+    ok, why = quantize.w8a8_available()
+    assert not ok and "saturates" in why and "VNNI" in why
+    with pytest.raises(CheckpointError, match="w8a8.*not available.*saturates.*quantize='int8'"):
+        Llama.build(quantize="w8a8")
+    with pytest.raises(RuntimeError, match="saturates"):
+        quantize.W8A8Linear(torch.randn(4, 8))
+    monkeypatch.setattr(quantize, "_W8A8", {})  # the next caller probes the real kernel again
+
+
+def test_w8a8_refuses_other_devices_and_dtypes_before_loading():
+    from llama_lite.checkpoint import check_quantize, load_checkpoint
+
+    with pytest.raises(CheckpointError, match="runs on the CPU, not cuda.*device='cpu'.*quantize='int8'"):
+        check_quantize("w8a8", torch.device("cuda"), torch.bfloat16)  # what load_checkpoint asks on a GPU
+    with pytest.raises(CheckpointError, match="float32, not torch.bfloat16"):
+        load_checkpoint("/nonexistent/checkpoint", device="cpu", dtype=torch.bfloat16, quantize="w8a8")
+    with pytest.raises(CheckpointError, match="'int4' is not supported; use None, 'int8' or 'w8a8'"):
+        load_checkpoint("/nonexistent/checkpoint", device="cpu", quantize="int4")
+
+
+def test_w8a8_while_loading_equals_w8a8_after():
+    from llama_lite.quantize import W8A8Linear, quantize_model_w8a8
+
+    _w8a8_or_skip()
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32,
+                     tie_embeddings=True)
+    ref = Transformer(args).eval()
+    state = {k: v.clone() for k, v in ref.state_dict().items() if k != "output.weight"}
+    loaded = materialize(args, iter(state.items()), "cpu", torch.float32, "test", quantize="w8a8")
+    after = quantize_model_w8a8(ref)
+    tokens = torch.randint(0, 97, (2, 9))
+    assert torch.equal(loaded(tokens), after(tokens))
+    assert isinstance(loaded.output, W8A8Linear) and isinstance(loaded.layers[0].attention.wq, W8A8Linear)
+    assert type(loaded.layers[1].feed_forward.w2) is torch.nn.Linear  # W_2 stays float
+    assert loaded.tok_embeddings.weight.dtype == torch.float32  # lookups read the float table
+
+
+def test_w8a8_smollm2_keeps_quality_because_w2_stays_float(llama):
+    """W8A8 on SmolLM2 (benchmarks/decode_cpu.py's text): perplexity within 5% of float32, in
+    one forward and token by token (a decode step's kernel); and the reason W_2 is left in
+    float32: with it in int8 too, perplexity rises several times as much."""
+    import copy
+
+    from llama_lite.evaluate import perplexity, sample_text
+    from llama_lite.quantize import quantize_model_w8a8
+
+    _w8a8_or_skip()
+    tok = llama.tokenizer
+    tokens = tok.encode(sample_text(), bos=tok.add_bos, eos=False)[:512]
+    full = perplexity(llama.model, tokens)
+    w8a8 = quantize_model_w8a8(copy.deepcopy(llama.model))
+    everything = quantize_model_w8a8(copy.deepcopy(llama.model), keep_float=())
+    kept, decoded, all_int8 = (perplexity(w8a8, tokens), perplexity(w8a8, tokens, stepwise=True),
+                               perplexity(everything, tokens))
+    assert abs(kept / full - 1) < 0.05 and abs(decoded / full - 1) < 0.05, (full, kept, decoded)
+    assert all_int8 - full > 2 * abs(kept - full), (full, kept, all_int8)
+
+
+@pytest.mark.parametrize("kind", ["int8", "w8a8"])
+def test_int8_models_are_refused_where_a_float_model_is_needed(kind):
+    from llama_lite.fast import compiled_copy
+    from llama_lite.hf import hf_state_dict
+    from llama_lite.quantize import quantize_model_w8a8
+
+    if kind == "w8a8":
+        _w8a8_or_skip()
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=97, multiple_of=16, max_seq_len=16)
+    model = (quantize_model_int8 if kind == "int8" else quantize_model_w8a8)(Transformer(args).eval())
+    with pytest.raises(ValueError, match="float model.*int8"):
+        hf_state_dict(model)
+    with pytest.raises(ValueError, match="needs a float model"):
+        compiled_copy(model)
