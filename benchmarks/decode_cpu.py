@@ -75,8 +75,9 @@ def decode_bytes(model) -> int:
 
 def linears_alone(model, repeats: int = 5) -> tuple[int, float]:
     """(number of linear layers, seconds) for one pass of a single token's activation through
-    every nn.Linear of the model in order, nothing else: the float32 matmuls' share of a decode
-    step, and so the fastest a float32 decode step could be with every other op free."""
+    every nn.Linear of the model in order, nothing else: the float32 matmuls as the model calls
+    them (one F.linear each, batch 1), so the fastest a float32 decode step could be with every
+    other op free and PyTorch's matrix-vector kernel as it is."""
     from torch import nn
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -92,10 +93,21 @@ def linears_alone(model, repeats: int = 5) -> tuple[int, float]:
 
 
 def first_difference(a, b) -> int:
-    """How many greedy tokens two runs share before they part (greedy decoding never rejoins a
-    path, so after the first difference the position-by-position agreement is chance)."""
+    """How many greedy tokens two runs share before they part (after the first difference the
+    two continuations no longer answer the same context, so position-by-position agreement
+    says little)."""
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def top_two_at(llama, prompt, tokens, k) -> str:
+    """Float32's two most likely next tokens after prompt + tokens[:k], and their logits: how
+    near a tie the first difference of a quantized run was."""
+    with torch.inference_mode():
+        logits = llama.model(torch.tensor([prompt + tokens[:k]]))[0, -1]
+    top = logits.topk(2)
+    a, b = (llama.tokenizer.decode([int(i)]) for i in top.indices)
+    return f"float32's top two there: {a!r} {top.values[0]:.2f}, {b!r} {top.values[1]:.2f}"
 
 
 def agreement(a, b) -> float:
@@ -252,13 +264,16 @@ def main(argv=None):
     print(f"quality on sample_text ({len(text)} tokens): fp32 perplexity {ppl:.3f}")
     others = [("int8", int8)] + ([("w8a8", w8a8)] if w8a8 else []) + ([("bf16", bf16)] if bf16 else [])
     for name, other in others:
-        # W8A8 runs one kernel for a decode step and another for a prompt: both are scored
+        # W8A8's rounding noise differs between one forward and token by token: both are scored
         print(f"  {name}: {decode_bytes(other.model) / 1e6:.0f} MB read per token, perplexity "
               f"{perplexity(other.model, text):.3f}"
               + (f" (one forward), {perplexity(other.model, text, stepwise=True):.3f} (token by token, as decoded)"
                  if name == "w8a8" else "")
               + f", greedy tokens equal to fp32's: the first {first_difference(outputs[f'llama_lite {name} cached'], base)}"
               f" of {len(base)}")
+        k = first_difference(outputs[f"llama_lite {name} cached"], base)
+        if k < len(base):
+            print(f"    ({top_two_at(fp32, prompt, base, k)})")
     if w8a8:
         everything = quantize_model_w8a8(Llama.build().model, keep_float=())
         print(f"  w8a8 with W_2 in int8 too (what it leaves in float32): perplexity {perplexity(everything, text):.3f}")

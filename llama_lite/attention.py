@@ -14,6 +14,7 @@ from torch import nn
 from .config import ModelArgs
 from .kv_cache import KVCache
 from .positions import apply_rotary_emb
+from .quantize import is_quantized
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -89,6 +90,8 @@ def with_kv_heads(model: nn.Module, n_kv_heads: int) -> nn.Module:
     """A new Transformer like `model` but with n_kv_heads key/value heads per layer (1 is MQA,
     n_heads is MHA), its W_k/W_v regrouped by regroup_kv_weight; every other weight is copied.
     The original model is unchanged."""
+    if is_quantized(model):
+        raise ValueError("with_kv_heads regroups float weights; this model has int8 linears (load it without quantize)")
     args = model.params
     new_args = args.replace(n_kv_heads=n_kv_heads)  # validates n_heads % n_kv_heads
     state = {k: v.clone() for k, v in model.state_dict().items()}

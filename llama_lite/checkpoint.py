@@ -221,7 +221,8 @@ def check_quantize(quantize: str | None, device, dtype: torch.dtype | None) -> N
         raise CheckpointError(f"quantize='w8a8' computes in float32, not {dtype}; leave dtype unset or use float32")
     ok, why = w8a8_available()
     if not ok:
-        raise CheckpointError(f"quantize='w8a8' is not available: {why}; use quantize='int8' (weight-only)")
+        raise CheckpointError(f"quantize='w8a8' is not available: {why}; use float32 (no --quantize) for speed, "
+                              "or quantize='int8' to save memory")
 
 
 def empty_model(args: ModelArgs) -> Transformer:
@@ -238,6 +239,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     precision model never exists on the device (a 7B then fits a 16 GB GPU). quantize="w8a8"
     (CPU, float32) turns each Linear but W_2 into a W8A8Linear: int8 that decodes faster."""
     check_quantize(quantize, device, dtype)
+    if quantize == "w8a8":
+        dtype = torch.float32  # the embeddings and W_2 too, whatever the checkpoint stores
     model = empty_model(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:

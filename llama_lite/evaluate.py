@@ -15,10 +15,16 @@ def sample_text() -> str:
 @torch.inference_mode()
 def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
     """exp(mean negative log-likelihood) of tokens[1:] given their prefixes: in one forward, or
-    with stepwise=True one token per forward through a KV cache, as decoding runs (the same
-    number in float; int8 activations take another kernel for one token than for several)."""
+    with stepwise=True one token per forward through a KV cache, as decoding runs. In float the
+    two agree to rounding. With int8 activations (W8A8) they differ more: the cached and the
+    uncached forward differ in the last bits, one activation then rounds to the neighbouring
+    integer, and that step grows through the layers; the two are two draws of the rounding
+    noise, and their spread is how precisely int8's cost is known."""
     if len(tokens) < 2:
         raise ValueError("perplexity needs at least two tokens")
+    if len(tokens) > model.params.max_seq_len:
+        raise ValueError(f"{len(tokens)} tokens exceed the model's context (max_seq_len={model.params.max_seq_len}); "
+                         "score a shorter slice")
     x = torch.tensor([list(tokens)], device=model.tok_embeddings.weight.device)
     if not stepwise:
         logits = model(x[:, :-1])  # (1, n-1, vocab)

@@ -162,7 +162,7 @@ class Llama:
         folder (config.json, *.safetensors) or a .gguf file. plan: a llama_lite.devices.FitPlan
         (plan_fit's answer), whose device, dtype, quantize and max_seq_len are used.
         quantize: None; "int8", int8 weights (memory: a 7B on a 16 GB GPU); or "w8a8", int8
-        weights and activations on the CPU (speed: decodes faster than float32).
+        weights and activations on an x86 CPU with AVX512-VNNI (speed: see README's Benchmarks).
         compile: compile the model's blocks (llama_lite.fast.compile_model); the first
         generation then waits for the compiler, later ones (and later processes) do not."""
         if isinstance(ckpt_dir, str) and not ckpt_dir.strip():

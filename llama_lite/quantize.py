@@ -138,86 +138,131 @@ def quantize_model_int8(model: nn.Module, skip=("output",)) -> nn.Module:
 # raises perplexity several times as much as all the others together: tests/test_quantize.py
 # asserts it, decode_cpu.py prints both). So W_2 stays in floating point.
 
-W8A8_FLOAT = ("feed_forward.w2",)  # module names (suffixes) quantize_model_w8a8 leaves in float32
+W8A8_FLOAT = ("feed_forward.w2",)  # module names quantize_model_w8a8 leaves in float32
 _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
+_NOT_AVAILABLE = "use float32 (no quantize) for speed, or quantize='int8' to save memory"
 
 
 def w8a8_available() -> tuple[bool, str]:
-    """(whether W8A8Linear runs correctly here, why not). Tried once per process on the input
-    that breaks kernels which add u8 x s8 products in 16 bits (x86 without VNNI saturates there:
-    255 * 127 * 2 > 32767), so a CPU that would give wrong answers is refused, not used."""
+    """(whether W8A8Linear runs correctly here, why not). It needs FBGEMM, PyTorch's x86 int8
+    engine, and kernels that add u8 x s8 products exactly: without AVX512-VNNI they add pairs in
+    16 bits and saturate (255 * 127 * 2 > 32767). Both kernels are tried once per process on the
+    input that saturates, so a CPU that would give wrong answers is refused, not used."""
     if not _W8A8:
+        engine = torch.backends.quantized.engine
+        if engine not in ("x86", "fbgemm"):
+            _W8A8.update(ok=False, why=f"it uses FBGEMM, PyTorch's x86 int8 engine; this torch's is {engine!r}")
+            return False, _W8A8["why"]
         try:
-            layer = W8A8Linear(torch.ones(8, 64), _probe=False)
-            ones = torch.ones(1, 64)  # every activation 255 (or 127), every weight 127: the answer is 64
-            outs = [layer(ones), layer(ones.expand(3, 64))]
-            ok = all(torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3) for out in outs)
-            _W8A8.update(ok=ok, why="" if ok else "this CPU's int8 kernel saturates "
-                         f"({min(o.min().item() for o in outs):.1f} for 64.0): it lacks VNNI")
+            layer = W8A8Linear(torch.ones(8, 64, device="cpu"), _probe=False)
+            ones = torch.ones(1, 64, device="cpu")  # every activation 255, every weight 127: the answer is 64
+            one, several = layer(ones)[0, 0].item(), layer(ones.expand(3, 64))[0, 0].item()
+            ok = abs(one - 64) < 0.1 and abs(several - 64) < 0.1
+            _W8A8.update(ok=ok, why="" if ok else
+                         f"this CPU's int8 kernels saturate (64.0 came out as {one:.1f} for one token, "
+                         f"{several:.1f} for several): they add u8 x s8 products in 16 bits without AVX512-VNNI")
         except (RuntimeError, AttributeError, NotImplementedError) as e:  # a torch without these kernels
             _W8A8.update(ok=False, why=f"this torch has no CPU int8 x int8 kernel ({type(e).__name__}: {e})")
     return _W8A8["ok"], _W8A8["why"]
 
 
 class W8A8Linear(nn.Module):
-    """y = x W^T with W as int8 (quantize_int8: one scale per output row) and each token's x
-    quantized to 8 bits on every call, the products summed exactly in int32, then scaled back.
-    CPU only; float32 in and out (other float dtypes are converted).
+    """y = x W^T with W as int8 (quantize_int8: one scale per output row) and each row of x
+    (each token) quantized to 8 bits on every call, the products summed exactly in int32, then
+    scaled back. CPU only; float32 inside (other float dtypes are converted); inference only.
 
-    One token (a decode step): FBGEMM's torch.ops.quantized.linear_dynamic, which maps x's range
-    (widened to include 0) onto 0..255 with a zero point. Several tokens (a prompt): each row
-    its own symmetric scale, max|x_row| / 127, and torch._int_mm, int8 x int8 -> int32.
-    FBGEMM's op would give the whole block one scale: one token with large activations (the
-    first, often) would coarsen every other token's."""
+    Each row's range, widened to include 0, is mapped onto 0..255 with a zero point, as FBGEMM's
+    dynamic linear does. One row (a batch-1 decode step): FBGEMM's own kernel,
+    torch.ops.quantized.linear_dynamic. Several rows (a prompt, a batch, beams): the same
+    integers through torch._int_mm (int8 x int8 -> int32), because FBGEMM's op would give the
+    whole block one scale, and one token with large activations (the first, often) would
+    coarsen every other token's. So a row's result does not depend on the rows beside it."""
 
     def __init__(self, weight: torch.Tensor, _probe: bool = True):
         super().__init__()
         if _probe:
             ok, why = w8a8_available()
             if not ok:
-                raise RuntimeError(f"W8A8 int8 is not available: {why}; use quantize='int8' (weight-only)")
+                raise RuntimeError(f"W8A8 int8 is not available: {why}; {_NOT_AVAILABLE}")
         if weight.device.type != "cpu":
             raise ValueError(f"W8A8Linear runs on the CPU; this weight is on {weight.device}")
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_int8(weight)
-        self.register_buffer("weight", q)  # (out, in) int8, for the several-token path
+        self.register_buffer("weight", q)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,) float32
+        self._pack()
+
+    def _pack(self) -> None:
+        """FBGEMM's copy of the weight (not a buffer), and the row sums the several-row path needs."""
+        if self.weight.device.type != "cpu" or self.scale.dtype != torch.float32:
+            raise ValueError("a W8A8Linear stays on the CPU with float32 scales; quantize the float model "
+                             "again instead of moving or casting this one")
         with warnings.catch_warnings():
             # FBGEMM's packing takes a quantized tensor, a type torch has deprecated (torchao, a
             # separate install, replaces it); w8a8_available() notices if a torch removes it.
             warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            qw = torch._make_per_channel_quantized_tensor(
+                self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        self.nbytes = q.numel() + 8 * self.out_features  # the packed copy (not a buffer): model_bytes adds it
+        self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)  # (out,)
+        # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset
+        self.nbytes = self.weight.numel() + 12 * self.out_features
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pack()  # new weights: FBGEMM's copy follows them
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._pack()  # refuses a move off the CPU or a cast of the scales
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, x = x.dtype, x.float()
-        rows = x.numel() // self.in_features
-        if rows == 1:
+        if x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(f"W8A8Linear takes CPU inputs of {self.in_features} features; got {tuple(x.shape)} "
+                             f"on {x.device}")
+        with torch.no_grad():  # inference only: rounding has no useful gradient, so none flows back
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, lead = x.dtype, x.shape[:-1]
+        flat = x.float().reshape(-1, self.in_features)  # (rows, in)
+        if flat.shape[0] == 1:
             # reduce_range=False: all 8 bits for the activation, not the 7 that keep a CPU
             # without VNNI from saturating; w8a8_available() refuses such a CPU instead.
-            return torch.ops.quantized.linear_dynamic(x, self._packed, False).to(dtype)
-        flat = x.reshape(rows, self.in_features)
-        x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # (rows, 1)
-        x_int8 = torch.round(flat / x_scale).to(torch.int8)
-        out = torch._int_mm(x_int8, self.weight.t()) * x_scale * self.scale  # (rows, out), int32 -> float
-        return out.reshape(*x.shape[:-1], self.out_features).to(dtype)
+            out = torch.ops.quantized.linear_dynamic(flat, self._packed, False)
+        else:
+            lo = flat.amin(dim=1, keepdim=True).clamp(max=0)  # (rows, 1)
+            hi = flat.amax(dim=1, keepdim=True).clamp(min=0)
+            x_scale = (hi - lo) / 255
+            x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))  # an all-zero row
+            zero = torch.round(-lo / x_scale).clamp(0, 255)
+            x_u8 = (torch.round(flat / x_scale) + zero).clamp(0, 255)  # the integers FBGEMM would use
+            # _int_mm takes int8: shift 0..255 to -128..127 and add the shift back through the
+            # weights' row sums: sum_k (u_k - z) w_nk = sum_k (u_k - 128) w_nk + (128 - z) sum_k w_nk
+            acc = torch._int_mm((x_u8 - 128).to(torch.int8), self.weight.t())  # (rows, out) int32
+            acc = acc + (128 - zero).to(torch.int32) * self._row_sums
+            out = acc.float() * x_scale * self.scale
+        return out.reshape(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
 
 
-def quantize_model_w8a8(model: nn.Module, keep_float=W8A8_FLOAT) -> nn.Module:
-    """Replace every nn.Linear of a CPU model, but those whose name ends with one of keep_float,
-    by a W8A8Linear, in place. The output projection is included: it is the largest matrix, and
-    its int8 error costs less perplexity than W_2's (decode_cpu.py measures both)."""
+def quantize_model_w8a8(model: nn.Module, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
+    """Replace every nn.Linear of a CPU model, but those named by keep_float (a module's full
+    name, or its ending after a dot: "feed_forward.w2" is every layer's W_2), by a W8A8Linear,
+    in place. The output projection is included: it is the largest matrix (a fifth of SmolLM2's
+    bytes)."""
+    if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
+        raise TypeError(f"keep_float is a tuple of module names, e.g. ('feed_forward.w2',); got {keep_float!r}")
     ok, why = w8a8_available()
     if not ok:
-        raise RuntimeError(f"W8A8 int8 is not available: {why}; use quantize='int8' (weight-only)")
+        raise RuntimeError(f"W8A8 int8 is not available: {why}; {_NOT_AVAILABLE}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not full.endswith(tuple(keep_float)):
+            if isinstance(child, nn.Linear) and not any(full == k or full.endswith("." + k) for k in keep_float):
                 setattr(module, child_name, W8A8Linear(child.weight.data))
     return model
 

@@ -36,17 +36,21 @@ def test_bad_input_exits_2_with_one_line():
 
 @pytest.mark.parametrize("kind", ["int8", "w8a8"])
 def test_int8_generate(llama, kind):
-    """--quantize prints what the same quantization of the loaded model generates in-process."""
+    """--quantize prints what the same quantization of the loaded model generates in-process,
+    on a prompt whose quantized continuation differs from float32's (so an ignored flag fails)."""
     from llama_lite.quantize import quantize_model_w8a8, w8a8_available
 
     if kind == "w8a8" and not w8a8_available()[0]:
         pytest.skip(w8a8_available()[1])
-    r = run("generate", "The capital of France is", "--max-new-tokens", "8", "--quantize", kind)
+    prompt = "My favourite food is"
+    r = run("generate", prompt, "--max-new-tokens", "8", "--quantize", kind)
     assert r.returncode == 0, r.stderr
     quantize = quantize_model_int8 if kind == "int8" else quantize_model_w8a8
     int8 = Llama(quantize(copy.deepcopy(llama.model)), llama.tokenizer)
-    ids = llama.tokenizer.encode("The capital of France is", bos=False, eos=False)
+    ids = llama.tokenizer.encode(prompt, bos=False, eos=False)
     (expected,), _ = int8.generate([ids], 8, temperature=0)
+    (full,), _ = llama.generate([ids], 8, temperature=0)
+    assert expected != full  # the test can tell the flag from its absence
     assert r.stdout == llama.tokenizer.decode(expected) + "\n"
 
 
