@@ -28,7 +28,7 @@ from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
 from .model import Transformer
-from .quantize import W8A8_FLOAT, Int8Linear, W8A8Linear, w8a8_available
+from .quantize import INT8_FLOAT, W8A8_FLOAT, Int8Linear, W8A8Linear, named, require_w8a8
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -219,10 +219,10 @@ def check_quantize(quantize: str | None, device, dtype: torch.dtype | None) -> N
                               "or on a GPU use quantize='int8'")
     if dtype not in (None, torch.float32):
         raise CheckpointError(f"quantize='w8a8' computes in float32, not {dtype}; leave dtype unset or use float32")
-    ok, why = w8a8_available()
-    if not ok:
-        raise CheckpointError(f"quantize='w8a8' is not available: {why}; use float32 (no --quantize) for speed, "
-                              "or quantize='int8' to save memory")
+    try:
+        require_w8a8()
+    except RuntimeError as e:
+        raise CheckpointError(f"quantize='w8a8': {e}") from None
 
 
 def empty_model(args: ModelArgs) -> Transformer:
@@ -241,6 +241,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
         dtype = torch.float32  # the embeddings and W_2 too, whatever the checkpoint stores
+    make = {"int8": lambda t: Int8Linear(t.to(device), dtype), "w8a8": W8A8Linear}.get(quantize)
+    keep = INT8_FLOAT if quantize == "int8" else W8A8_FLOAT
     model = empty_model(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:
@@ -264,12 +266,9 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         mapped = getattr(t, "_llama_lite_mapped", False)
-        if quantize == "int8" and isinstance(module, nn.Linear) and name != "output.weight":
+        if make and isinstance(module, nn.Linear) and not named(module_name, keep):
             parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, Int8Linear(t.to(device), dtype))
-        elif quantize == "w8a8" and isinstance(module, nn.Linear) and not module_name.endswith(W8A8_FLOAT):
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, W8A8Linear(t.to(dtype)))
+            setattr(model.get_submodule(parent_name), child, make(t))
         else:
             value = t.to(device=device, dtype=dtype)
             if mapped and value is t:

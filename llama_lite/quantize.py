@@ -117,14 +117,30 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_model_int8(model: nn.Module, skip=("output",)) -> nn.Module:
+INT8_FLOAT = ("output",)  # module names quantize_model_int8 leaves in floating point
+
+
+def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = INT8_FLOAT) -> nn.Module:
     """Replace every nn.Linear in the model (but those named in skip, by default the output
     projection, whose errors go straight into the logits) with an Int8Linear, in place."""
+    return _replace_linears(model, skip, lambda w: Int8Linear(w, w.dtype))
+
+
+def named(name: str, names: tuple[str, ...]) -> bool:
+    """Whether module `name` is one of `names`: its full name, or its ending after a dot
+    ("feed_forward.w2" names every layer's W_2)."""
+    return any(name == k or name.endswith("." + k) for k in names)
+
+
+def _replace_linears(model: nn.Module, keep: tuple[str, ...], make) -> nn.Module:
+    """Each nn.Linear not named in `keep` becomes make(its weight), in place."""
+    if isinstance(keep, str) or not all(isinstance(k, str) for k in keep):
+        raise TypeError(f"the layers to keep are a tuple of module names, e.g. ('feed_forward.w2',); got {keep!r}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and full not in skip:
-                setattr(module, child_name, Int8Linear(child.weight.data, child.weight.dtype))
+            if isinstance(child, nn.Linear) and not named(full, keep):
+                setattr(module, child_name, make(child.weight.data))
     return model
 
 
@@ -140,7 +156,6 @@ def quantize_model_int8(model: nn.Module, skip=("output",)) -> nn.Module:
 
 W8A8_FLOAT = ("feed_forward.w2",)  # module names quantize_model_w8a8 leaves in float32
 _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
-_NOT_AVAILABLE = "use float32 (no quantize) for speed, or quantize='int8' to save memory"
 
 
 def w8a8_available() -> tuple[bool, str]:
@@ -166,6 +181,13 @@ def w8a8_available() -> tuple[bool, str]:
     return _W8A8["ok"], _W8A8["why"]
 
 
+def require_w8a8() -> None:
+    ok, why = w8a8_available()
+    if not ok:
+        raise RuntimeError(f"W8A8 int8 is not available: {why}; use float32 (leave quantize unset) for speed, "
+                           "or quantize='int8' to save memory")
+
+
 class W8A8Linear(nn.Module):
     """y = x W^T with W as int8 (quantize_int8: one scale per output row) and each row of x
     (each token) quantized to 8 bits on every call, the products summed exactly in int32, then
@@ -181,9 +203,7 @@ class W8A8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, _probe: bool = True):
         super().__init__()
         if _probe:
-            ok, why = w8a8_available()
-            if not ok:
-                raise RuntimeError(f"W8A8 int8 is not available: {why}; {_NOT_AVAILABLE}")
+            require_w8a8()
         if weight.device.type != "cpu":
             raise ValueError(f"W8A8Linear runs on the CPU; this weight is on {weight.device}")
         self.out_features, self.in_features = weight.shape
@@ -250,21 +270,11 @@ class W8A8Linear(nn.Module):
 
 
 def quantize_model_w8a8(model: nn.Module, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
-    """Replace every nn.Linear of a CPU model, but those named by keep_float (a module's full
-    name, or its ending after a dot: "feed_forward.w2" is every layer's W_2), by a W8A8Linear,
-    in place. The output projection is included: it is the largest matrix (a fifth of SmolLM2's
-    bytes)."""
-    if isinstance(keep_float, str) or not all(isinstance(k, str) for k in keep_float):
-        raise TypeError(f"keep_float is a tuple of module names, e.g. ('feed_forward.w2',); got {keep_float!r}")
-    ok, why = w8a8_available()
-    if not ok:
-        raise RuntimeError(f"W8A8 int8 is not available: {why}; {_NOT_AVAILABLE}")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not any(full == k or full.endswith("." + k) for k in keep_float):
-                setattr(module, child_name, W8A8Linear(child.weight.data))
-    return model
+    """Replace every nn.Linear of a CPU model, but those named in keep_float (see `named`), by a
+    W8A8Linear, in place. The output projection is included: it is the largest matrix (a fifth
+    of SmolLM2's bytes)."""
+    require_w8a8()
+    return _replace_linears(model, keep_float, W8A8Linear)
 
 
 def is_quantized(model: nn.Module) -> bool:
