@@ -264,14 +264,13 @@ def main(argv=None):
     print(f"quality on sample_text ({len(text)} tokens): fp32 perplexity {ppl:.3f}")
     others = [("int8", int8)] + ([("w8a8", w8a8)] if w8a8 else []) + ([("bf16", bf16)] if bf16 else [])
     for name, other in others:
+        k = first_difference(outputs[f"llama_lite {name} cached"], base)
         # W8A8's rounding noise differs between one forward and token by token: both are scored
         print(f"  {name}: {decode_bytes(other.model) / 1e6:.0f} MB read per token, perplexity "
               f"{perplexity(other.model, text):.3f}"
               + (f" (one forward), {perplexity(other.model, text, stepwise=True):.3f} (token by token, as decoded)"
                  if name == "w8a8" else "")
-              + f", greedy tokens equal to fp32's: the first {first_difference(outputs[f'llama_lite {name} cached'], base)}"
-              f" of {len(base)}")
-        k = first_difference(outputs[f"llama_lite {name} cached"], base)
+              + f", greedy tokens equal to fp32's: the first {k} of {len(base)}")
         if k < len(base):
             print(f"    ({top_two_at(fp32, prompt, base, k)})")
     if w8a8:

@@ -233,8 +233,10 @@ class W8A8Linear(nn.Module):
         self._pack()  # new weights: FBGEMM's copy follows them
 
     def _apply(self, fn, recurse=True):
+        before = (self.weight.data_ptr(), self.scale.data_ptr())
         out = super()._apply(fn, recurse)
-        self._pack()  # refuses a move off the CPU or a cast of the scales
+        if (self.weight.data_ptr(), self.scale.data_ptr()) != before:
+            self._pack()  # new tensors: repacked, or refused if moved off the CPU or cast
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
