@@ -20,6 +20,7 @@ ready model.
     python benchmarks/decode_cpu.py --no-compile # skip the compiled model
 """
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -58,15 +59,16 @@ def load_seconds(repeats: int) -> dict:
 def decode_bytes(model) -> int:
     """Bytes of weights one decode step reads: every projection (a tied output counts the
     embedding table once) and the norms' gains; of the embedding table only one row, nothing.
-    A W8A8Linear reads its packed int8 copy; its plain int8 one serves prompts only."""
+    A W8A8Linear reads FBGEMM's packed int8 copy (its plain int8 one serves prompts only), an
+    F16Linear FBGEMM's packed float16 copy."""
     from torch import nn
 
     from llama_lite.norm import RMSNorm
-    from llama_lite.quantize import Int8Linear, W8A8Linear
+    from llama_lite.quantize import F16Linear, Int8Linear, W8A8Linear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, W8A8Linear):
+        if isinstance(m, (W8A8Linear, F16Linear)):
             total += m.nbytes
         elif isinstance(m, (Int8Linear, nn.Linear, RMSNorm)):
             total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
@@ -132,10 +134,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from llama_lite import Llama
-    from llama_lite.evaluate import perplexity, sample_text
+    from llama_lite.evaluate import compare, log_probs, perplexity, sample_text
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
-    from llama_lite.quantize import quantize_model_w8a8, w8a8_available
+    from llama_lite.quantize import W8A8_FLOAT, quantize_model_w8a8, w8a8_available, w8a8_only
     from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
@@ -260,22 +262,33 @@ def main(argv=None):
     print("greedy tokens identical: " + "; ".join(same))
 
     text = tok.encode(sample_text(), bos=tok.add_bos, eos=False)[:512]
-    ppl = perplexity(fp32.model, text)
-    print(f"quality on sample_text ({len(text)} tokens): fp32 perplexity {ppl:.3f}")
+    reference = log_probs(fp32.model, text)
+    print(f"quality on sample_text ({len(text)} tokens) against fp32 (perplexity {perplexity(fp32.model, text):.3f}):"
+          " KL = mean KL divergence from fp32's next-token distribution (nats per token), top-1 = fp32's most"
+          " likely next token kept, perplexity ratio (95% range from the per-token differences)")
+
+    def quality(model, stepwise=False) -> str:
+        c = compare(reference, log_probs(model, text, stepwise), text)
+        lo, hi = c["ppl_interval"]
+        return f"KL {c['kl']:.4f}, top-1 {c['top1']:.1%}, perplexity x{c['ppl_ratio']:.3f} ({lo:.3f}-{hi:.3f})"
+
     others = [("int8", int8)] + ([("w8a8", w8a8)] if w8a8 else []) + ([("bf16", bf16)] if bf16 else [])
     for name, other in others:
         k = first_difference(outputs[f"llama_lite {name} cached"], base)
-        # W8A8's rounding noise differs between one forward and token by token: both are scored
-        print(f"  {name}: {decode_bytes(other.model) / 1e6:.0f} MB read per token, perplexity "
-              f"{perplexity(other.model, text):.3f}"
-              + (f" (one forward), {perplexity(other.model, text, stepwise=True):.3f} (token by token, as decoded)"
-                 if name == "w8a8" else "")
-              + f", greedy tokens equal to fp32's: the first {k} of {len(base)}")
+        print(f"  {name}: {decode_bytes(other.model) / 1e6:.0f} MB read per token; {quality(other.model)}")
+        if name == "w8a8":  # its rounding noise differs between one forward and token by token: both are scored
+            print(f"    token by token, as decoded: {quality(other.model, stepwise=True)}")
+        print(f"    greedy tokens equal to fp32's: the first {k} of {len(base)}")
         if k < len(base):
             print(f"    ({top_two_at(fp32, prompt, base, k)})")
     if w8a8:
-        everything = quantize_model_w8a8(Llama.build().model, keep_float=())
-        print(f"  w8a8 with W_2 in int8 too (what it leaves in float32): perplexity {perplexity(everything, text):.3f}")
+        print(f"  W8A8, one projection at a time in int8 (the others float32); it keeps {', '.join(W8A8_FLOAT)} "
+              "in float16:")
+        for proj in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                     "feed_forward.w2", "feed_forward.w3", "output"):
+            print(f"    {proj:16s} {quality(w8a8_only(copy.deepcopy(fp32.model), (proj,)))}")
+        everything = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=())
+        print(f"    all of them     {quality(everything)}")
     for name in outputs:
         if name.startswith("llama.cpp"):
             print(f"{name}: greedy tokens equal to llama_lite fp32's: the first {first_difference(outputs[name], base)} "

@@ -28,7 +28,7 @@ from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
 from .model import Transformer
-from .quantize import INT8_FLOAT, W8A8_FLOAT, Int8Linear, W8A8Linear, named, require_w8a8
+from .quantize import INT8_FLOAT, Int8Linear, named, require_w8a8, w8a8_layer
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -237,12 +237,15 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     """Build the model on the meta device, then fill it one tensor at a time. quantize="int8"
     turns each Linear but the output into an Int8Linear as its weight arrives, so the full
     precision model never exists on the device (a 7B then fits a 16 GB GPU). quantize="w8a8"
-    (CPU, float32) turns each Linear but W_2 into a W8A8Linear: int8 that decodes faster."""
+    (CPU, float32) turns each Linear into a W8A8Linear, but W_2 and W_V into F16Linear: int8
+    that decodes faster."""
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
-        dtype = torch.float32  # the embeddings and W_2 too, whatever the checkpoint stores
-    make = {"int8": lambda t: Int8Linear(t.to(device), dtype), "w8a8": W8A8Linear}.get(quantize)
-    keep = INT8_FLOAT if quantize == "int8" else W8A8_FLOAT
+        dtype = torch.float32  # the embeddings and the norms, whatever the checkpoint stores
+    make = {  # the layer a Linear `name` becomes, None to stay an nn.Linear
+        "int8": lambda name, t: None if named(name, INT8_FLOAT) else Int8Linear(t.to(device), dtype),
+        "w8a8": w8a8_layer,
+    }.get(quantize, lambda name, t: None)
     model = empty_model(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
     if progress:
@@ -266,9 +269,10 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         mapped = getattr(t, "_llama_lite_mapped", False)
-        if make and isinstance(module, nn.Linear) and not named(module_name, keep):
+        layer = make(module_name, t) if isinstance(module, nn.Linear) else None
+        if layer is not None:
             parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, make(t))
+            setattr(model.get_submodule(parent_name), child, layer)
         else:
             value = t.to(device=device, dtype=dtype)
             if mapped and value is t:
@@ -283,7 +287,7 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
         if quantize == "w8a8":  # the output's int8 copy; the embedding table stays float for lookups
-            model.output = W8A8Linear(model.tok_embeddings.weight)
+            model.output = w8a8_layer("output", model.tok_embeddings.weight)
     return model.eval()
 
 

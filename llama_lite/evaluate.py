@@ -3,7 +3,6 @@ from collections.abc import Sequence
 from importlib import resources
 
 import torch
-import torch.nn.functional as F
 
 
 def sample_text() -> str:
@@ -13,15 +12,15 @@ def sample_text() -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
-    """exp(mean negative log-likelihood) of tokens[1:] given their prefixes: in one forward, or
-    with stepwise=True one token per forward through a KV cache, as decoding runs. In float the
-    two agree to rounding. With int8 activations (W8A8) they differ more: the cached and the
-    uncached forward differ in the last bits, one activation then rounds to the neighbouring
-    integer, and that step grows through the layers; the two are two draws of the rounding
-    noise, and their spread is how precisely int8's cost is known."""
+def log_probs(model, tokens: Sequence[int], stepwise: bool = False) -> torch.Tensor:
+    """log p(next token | prefix) over the vocabulary after each prefix of tokens, float32,
+    (len(tokens) - 1, vocab): in one forward, or with stepwise=True one token per forward through
+    a KV cache, as decoding runs. In float the two agree to rounding. With int8 activations
+    (W8A8) they differ more: the cached and the uncached forward differ in the last bits, one
+    activation then rounds to the neighbouring integer, and that step grows through the layers;
+    the two are two draws of the rounding noise."""
     if len(tokens) < 2:
-        raise ValueError("perplexity needs at least two tokens")
+        raise ValueError("scoring a text needs at least two tokens")
     if len(tokens) > model.params.max_seq_len:
         raise ValueError(f"{len(tokens)} tokens exceed the model's context (max_seq_len={model.params.max_seq_len}); "
                          "score a shorter slice")
@@ -37,5 +36,30 @@ def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
                 logits = torch.cat([model(x[:, i:i + 1], i) for i in range(x.shape[1] - 1)], dim=1)  # (1, n-1, vocab)
             finally:
                 model.clear_cache()
-    nll = F.cross_entropy(logits[0], x[0, 1:])
-    return float(torch.exp(nll))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
+    """exp(mean negative log-likelihood) of tokens[1:] given their prefixes (see log_probs)."""
+    lp = log_probs(model, tokens, stepwise)
+    targets = torch.tensor(list(tokens)[1:], device=lp.device)
+    return float(torch.exp(-lp.gather(1, targets[:, None]).mean()))
+
+
+def compare(reference: torch.Tensor, other: torch.Tensor, tokens: Sequence[int]) -> dict:
+    """How far one model's next-token distributions (`other`, from log_probs) are from a
+    reference's on the same tokens:
+    kl: mean KL(reference || other) in nats per token, the distance llama.cpp reports for its
+        quantizations (it counts every token's whole distribution, not just the right token's
+        probability, so a short text measures it well);
+    top1: how often the two models' most likely next tokens agree;
+    ppl_ratio: other's perplexity over the reference's, with `ppl_interval`, its 95% range from
+        the per-token log-likelihood differences (mean +- 2 standard errors, tokens taken as
+        independent): on a few hundred tokens a change of a few percent is within it."""
+    targets = torch.tensor(list(tokens)[1:], device=reference.device)[:, None]
+    kl = (reference.exp() * (reference - other)).sum(-1)  # (n-1,)
+    diff = (reference.gather(1, targets) - other.gather(1, targets))[:, 0]  # other's extra nll per token
+    spread = 2 * diff.std() / diff.numel() ** 0.5
+    return {"kl": float(kl.mean()), "top1": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
+            "ppl_ratio": float(diff.mean().exp()),
+            "ppl_interval": (float((diff.mean() - spread).exp()), float((diff.mean() + spread).exp()))}

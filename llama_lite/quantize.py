@@ -123,7 +123,8 @@ INT8_FLOAT = ("output",)  # module names quantize_model_int8 leaves in floating 
 def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = INT8_FLOAT) -> nn.Module:
     """Replace every nn.Linear in the model (but those named in skip, by default the output
     projection, whose errors go straight into the logits) with an Int8Linear, in place."""
-    return _replace_linears(model, skip, lambda w: Int8Linear(w, w.dtype))
+    _check_names(skip)
+    return _replace_linears(model, lambda name, w: None if named(name, skip) else Int8Linear(w, w.dtype))
 
 
 def named(name: str, names: tuple[str, ...]) -> bool:
@@ -132,15 +133,19 @@ def named(name: str, names: tuple[str, ...]) -> bool:
     return any(name == k or name.endswith("." + k) for k in names)
 
 
-def _replace_linears(model: nn.Module, keep: tuple[str, ...], make) -> nn.Module:
-    """Each nn.Linear not named in `keep` becomes make(its weight), in place."""
-    if isinstance(keep, str) or not all(isinstance(k, str) for k in keep):
-        raise TypeError(f"the layers to keep are a tuple of module names, e.g. ('feed_forward.w2',); got {keep!r}")
+def _check_names(names) -> None:
+    if isinstance(names, str) or not all(isinstance(k, str) for k in names):
+        raise TypeError(f"the layers to keep are a tuple of module names, e.g. ('feed_forward.w2',); got {names!r}")
+
+
+def _replace_linears(model: nn.Module, make) -> nn.Module:
+    """Each nn.Linear becomes make(its full name, its weight), in place; None keeps it."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and not named(full, keep):
-                setattr(module, child_name, make(child.weight.data))
+            if isinstance(child, nn.Linear):
+                new = make(f"{name}.{child_name}" if name else child_name, child.weight.data)
+                if new is not None:
+                    setattr(module, child_name, new)
     return model
 
 
@@ -149,20 +154,25 @@ def _replace_linears(model: nn.Module, keep: tuple[str, ...], make) -> nn.Module
 # Weight-only int8 saves memory, but no PyTorch CPU kernel makes it faster than float32 at
 # batch 1. FBGEMM's dynamic quantized linear does: it quantizes its input to 8 bits in C++ and
 # multiplies int8 by int8 into int32 with the CPU's dot-product instructions. Quantizing
-# activations costs accuracy where they have outliers, and one projection has them: the input
-# of W_2, silu(x W_1) * (x W_3), a product of two projections (on SmolLM2, W_2 in int8 too
-# raises perplexity several times as much as all the others together: tests/test_quantize.py
-# asserts it, decode_cpu.py prints both). So W_2 stays in floating point.
+# activations costs accuracy where they have outliers, and two projections are far more
+# sensitive than the rest: W_2, whose input silu(x W_1) * (x W_3) is a product of two
+# projections, and W_V. Measured on SmolLM2 one projection at a time (the others float), as the
+# KL divergence from float32's next-token distribution: W_2 alone in int8 costs more than any
+# other projection, W_V second (decode_cpu.py prints each; tests/test_quantize.py asserts the
+# order). So these two keep float32 activations, and only their weights are narrowed, to float16
+# (F16Linear): half of float32's bytes, each weight rounded to 11 significant bits. W_V is small
+# (n_kv_heads heads), so this costs little speed.
 
-W8A8_FLOAT = ("feed_forward.w2",)  # module names quantize_model_w8a8 leaves in float32
+W8A8_FLOAT = ("feed_forward.w2", "attention.wv")  # module names quantize_model_w8a8 keeps in floating point (F16Linear)
 _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
 
 
 def w8a8_available() -> tuple[bool, str]:
-    """(whether W8A8Linear runs correctly here, why not). It needs FBGEMM, PyTorch's x86 int8
-    engine, and kernels that add u8 x s8 products exactly: without AVX512-VNNI they add pairs in
-    16 bits and saturate (255 * 127 * 2 > 32767). Both kernels are tried once per process on the
-    input that saturates, so a CPU that would give wrong answers is refused, not used."""
+    """(whether W8A8Linear and F16Linear run correctly here, why not). They need FBGEMM,
+    PyTorch's x86 int8 engine, and int8 kernels that add u8 x s8 products exactly: without
+    AVX512-VNNI they add pairs in 16 bits and saturate (255 * 127 * 2 > 32767). Each kernel is
+    tried once per process on the input that saturates, so a CPU that would give wrong answers is
+    refused, not used."""
     if not _W8A8:
         engine = torch.backends.quantized.engine
         if engine not in ("x86", "fbgemm"):
@@ -172,10 +182,12 @@ def w8a8_available() -> tuple[bool, str]:
             layer = W8A8Linear(torch.ones(8, 64, device="cpu"), _probe=False)
             ones = torch.ones(1, 64, device="cpu")  # every activation 255, every weight 127: the answer is 64
             one, several = layer(ones)[0, 0].item(), layer(ones.expand(3, 64))[0, 0].item()
-            ok = abs(one - 64) < 0.1 and abs(several - 64) < 0.1
+            half = F16Linear(torch.ones(8, 64, device="cpu"), _probe=False)(ones)[0, 0].item()
+            ok = abs(one - 64) < 0.1 and abs(several - 64) < 0.1 and half == 64
             _W8A8.update(ok=ok, why="" if ok else
                          f"this CPU's int8 kernels saturate (64.0 came out as {one:.1f} for one token, "
-                         f"{several:.1f} for several): they add u8 x s8 products in 16 bits without AVX512-VNNI")
+                         f"{several:.1f} for several, {half:.1f} in float16): they add u8 x s8 products in "
+                         "16 bits without AVX512-VNNI")
         except (RuntimeError, AttributeError, NotImplementedError) as e:  # a torch without these kernels
             _W8A8.update(ok=False, why=f"this torch has no CPU int8 x int8 kernel ({type(e).__name__}: {e})")
     return _W8A8["ok"], _W8A8["why"]
@@ -188,7 +200,47 @@ def require_w8a8() -> None:
                            "or quantize='int8' to save memory")
 
 
-class W8A8Linear(nn.Module):
+class _PackedLinear(nn.Module):
+    """A CPU inference Linear whose weight FBGEMM keeps in a packed copy of its own (not a buffer:
+    it follows the buffers through load_state_dict, and refuses moves and casts)."""
+
+    def __init__(self, weight: torch.Tensor, _probe: bool):
+        super().__init__()
+        if _probe:
+            require_w8a8()
+        if weight.device.type != "cpu":
+            raise ValueError(f"{type(self).__name__} runs on the CPU; this weight is on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+
+    def _pack(self) -> None:
+        raise NotImplementedError
+
+    def _refuse(self) -> None:
+        raise ValueError(f"a {type(self).__name__} stays on the CPU (a W8A8Linear with float32 scales); "
+                         "quantize the float model again instead of moving or casting this one")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pack()  # new weights: FBGEMM's copy follows them
+
+    def _apply(self, fn, recurse=True):
+        before = dict(self._buffers)
+        out = super()._apply(fn, recurse)
+        if any(self._buffers[k].data_ptr() != t.data_ptr() for k, t in before.items()):
+            try:
+                self._pack()  # new tensors: repacked, or refused if moved off the CPU or cast
+            except ValueError:
+                self._buffers.update(before)  # refused: the layer stays as it was, and usable
+                raise
+        return out
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} takes CPU inputs of {self.in_features} features; got "
+                             f"{tuple(x.shape)} on {x.device}")
+
+
+class W8A8Linear(_PackedLinear):
     """y = x W^T with W as int8 (quantize_int8: one scale per output row) and each row of x
     (each token) quantized to 8 bits on every call, the products summed exactly in int32, then
     scaled back. CPU only; float32 inside (other float dtypes are converted); inference only.
@@ -201,22 +253,16 @@ class W8A8Linear(nn.Module):
     coarsen every other token's. So a row's result does not depend on the rows beside it."""
 
     def __init__(self, weight: torch.Tensor, _probe: bool = True):
-        super().__init__()
-        if _probe:
-            require_w8a8()
-        if weight.device.type != "cpu":
-            raise ValueError(f"W8A8Linear runs on the CPU; this weight is on {weight.device}")
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight, _probe)
         q, scale = quantize_int8(weight)
         self.register_buffer("weight", q)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,) float32
         self._pack()
 
     def _pack(self) -> None:
-        """FBGEMM's copy of the weight (not a buffer), and the row sums the several-row path needs."""
+        """FBGEMM's copy of the weight, and the row sums the several-row path needs."""
         if self.weight.device.type != "cpu" or self.scale.dtype != torch.float32:
-            raise ValueError("a W8A8Linear stays on the CPU with float32 scales; quantize the float model "
-                             "again instead of moving or casting this one")
+            self._refuse()
         with warnings.catch_warnings():
             # FBGEMM's packing takes a quantized tensor, a type torch has deprecated (torchao, a
             # separate install, replaces it); w8a8_available() notices if a torch removes it.
@@ -228,21 +274,14 @@ class W8A8Linear(nn.Module):
         # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset
         self.nbytes = self.weight.numel() + 12 * self.out_features
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._pack()  # new weights: FBGEMM's copy follows them
-
-    def _apply(self, fn, recurse=True):
-        before = (self.weight.data_ptr(), self.scale.data_ptr())
-        out = super()._apply(fn, recurse)
-        if (self.weight.data_ptr(), self.scale.data_ptr()) != before:
-            self._pack()  # new tensors: repacked, or refused if moved off the CPU or cast
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.shape[-1] != self.in_features:
-            raise ValueError(f"W8A8Linear takes CPU inputs of {self.in_features} features; got {tuple(x.shape)} "
-                             f"on {x.device}")
+        self._check_input(x)
+        if x.numel() == self.in_features and x.dtype == torch.float32 and not x.requires_grad:
+            # One row: a batch-1 decode step, the hot path, straight to FBGEMM (which flattens
+            # and restores the leading dims). reduce_range=False: all 8 bits for the activation,
+            # not the 7 that keep a CPU without VNNI from saturating; w8a8_available() refuses
+            # such a CPU instead.
+            return torch.ops.quantized.linear_dynamic(x, self._packed, False)
         with torch.no_grad():  # inference only: rounding has no useful gradient, so none flows back
             return self._forward(x)
 
@@ -250,8 +289,6 @@ class W8A8Linear(nn.Module):
         dtype, lead = x.dtype, x.shape[:-1]
         flat = x.float().reshape(-1, self.in_features)  # (rows, in)
         if flat.shape[0] == 1:
-            # reduce_range=False: all 8 bits for the activation, not the 7 that keep a CPU
-            # without VNNI from saturating; w8a8_available() refuses such a CPU instead.
             out = torch.ops.quantized.linear_dynamic(flat, self._packed, False)
         else:
             lo = flat.amin(dim=1, keepdim=True).clamp(max=0)  # (rows, 1)
@@ -271,26 +308,74 @@ class W8A8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
 
 
+class F16Linear(_PackedLinear):
+    """y = x W^T with W stored as float16 and everything else float32: FBGEMM's fp16 kernel
+    reads 2 bytes per weight and widens them in registers, so the only error is each weight's
+    rounding to float16 (11 significant bits). The layers W8A8 keeps in floating point (W_2,
+    W_V): half of float32's bytes, none of int8's activation rounding. CPU only; inference only."""
+
+    def __init__(self, weight: torch.Tensor, _probe: bool = True):
+        super().__init__(weight, _probe)
+        w = weight.float()
+        big = w.abs().max().item() if w.numel() else 0.0
+        if big > torch.finfo(torch.float16).max:
+            raise ValueError(f"a weight of magnitude {big:.3g} does not fit float16 (max 65504); keep this layer float32")
+        self.register_buffer("weight", w.half())  # (out, in) float16
+        self._pack()
+
+    def _pack(self) -> None:
+        if self.weight.device.type != "cpu":
+            self._refuse()
+        # FBGEMM rounds to float16 as it packs: a .float() of the module changes nothing
+        self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None)
+        self.nbytes = 2 * self.weight.numel()  # the packed copy: float16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.dtype == torch.float32 and not x.requires_grad:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
+        with torch.no_grad():
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), self._packed).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+
 def quantize_model_w8a8(model: nn.Module, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
-    """Replace every nn.Linear of a CPU model, but those named in keep_float (see `named`), by a
-    W8A8Linear, in place. The output projection is included: it is the largest matrix (a fifth
-    of SmolLM2's bytes)."""
+    """Replace every nn.Linear of a CPU model by a W8A8Linear, in place, but those named in
+    keep_float (see `named`), which become F16Linear. The output projection is included: it is
+    the largest matrix (a fifth of SmolLM2's bytes)."""
+    _check_names(keep_float)
     require_w8a8()
-    return _replace_linears(model, keep_float, W8A8Linear)
+    return _replace_linears(model, lambda name, w: w8a8_layer(name, w, keep_float))
+
+
+def w8a8_only(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """Only the Linears named in `names` become W8A8Linear, in place, the rest stay as they are:
+    what one projection's int8 costs alone (how W8A8_FLOAT was chosen)."""
+    _check_names(names)
+    require_w8a8()
+    return _replace_linears(model, lambda name, w: W8A8Linear(w) if named(name, names) else None)
+
+
+def w8a8_layer(name: str, weight: torch.Tensor, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
+    """What the Linear `name` becomes under W8A8: F16Linear if keep_float names it (by default W_2
+    and W_V), else W8A8Linear."""
+    return F16Linear(weight) if named(name, keep_float) else W8A8Linear(weight)
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether any Linear of the model is int8 (Int8Linear or W8A8Linear)."""
-    return any(isinstance(m, (Int8Linear, W8A8Linear)) for m in model.modules())
+    """Whether any Linear of the model is a quantized one (Int8Linear, W8A8Linear, F16Linear)."""
+    return any(isinstance(m, (Int8Linear, _PackedLinear)) for m in model.modules())
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers, each shared tensor counted once, and of the packed
-    weights of W8A8Linear layers."""
+    """Bytes of all parameters and buffers, each shared tensor counted once, and of FBGEMM's
+    packed copies (W8A8Linear, F16Linear)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = id(t) if t.is_meta else t.data_ptr()  # meta tensors have no memory: every data_ptr is 0
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    return total + sum(m.nbytes for m in model.modules() if isinstance(m, W8A8Linear))
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, _PackedLinear))

@@ -1,6 +1,7 @@
 """The benchmarks' code paths on tiny configs, so they cannot rot unseen (their figures come
 from full runs; nothing here is timed)."""
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -48,10 +49,11 @@ def test_decode_cpu_script_quick(smollm2_path):
     assert "llama_lite cached" in out and "llama_lite int8 cached" in out and "roofline" in out
     assert "greedy tokens identical: cached vs uncached (4): True" in out
     assert "the 211 nn.Linear of one decode step, nothing else" in out  # SmolLM2: 30 x 7 + the output
-    assert "int8: " in out and "MB read per token, perplexity" in out
+    assert re.search(r"int8: \d+ MB read per token; KL \d\.\d{4}, top-1 \d+\.\d%, perplexity x\d\.\d{3} \(", out), out
     from llama_lite.quantize import w8a8_available
 
     if w8a8_available()[0]:
-        assert "llama_lite w8a8 cached" in out and "w8a8 with W_2 in int8 too" in out
+        assert "llama_lite w8a8 cached" in out and "token by token, as decoded: KL" in out
+        assert "feed_forward.w2  KL" in out and "all of them     KL" in out
     else:
         assert "w8a8 row skipped: " + w8a8_available()[1] in out
