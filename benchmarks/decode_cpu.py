@@ -11,9 +11,10 @@ Runs, interleaved in one process and reporting the median of the repeats:
 Prints the CPU (vector ISA, bf16/AMX/VNNI flags) first.
 Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth rooflines
 (bytes of weights read per token / measured bandwidth: of a copy, reads + writes counted,
-and of a read-only sum), the quality cost of int8/W8A8/bf16 (perplexity on
-llama_lite.evaluate.sample_text, greedy tokens shared with fp32), and the time from GGUF file to
-ready model.
+and of a read-only sum), the quality cost of int8/W8A8/bf16 on llama_lite.evaluate.sample_text
+(KL divergence from fp32's next-token distributions, top-1 agreement, the perplexity ratio with
+its 95% range: llama_lite.evaluate.compare; and greedy tokens shared with fp32), W8A8's cost
+one projection at a time, and the time from GGUF file to ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
     python benchmarks/decode_cpu.py --quick      # 32 new tokens, 1 repeat
@@ -137,7 +138,7 @@ def main(argv=None):
     from llama_lite.evaluate import compare, log_probs, perplexity, sample_text
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
-    from llama_lite.quantize import W8A8_FLOAT, quantize_model_w8a8, w8a8_available, w8a8_only
+    from llama_lite.quantize import PROJECTIONS, W8A8_FLOAT, quantize_model_w8a8, w8a8_available, w8a8_only
     from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
@@ -284,8 +285,7 @@ def main(argv=None):
     if w8a8:
         print(f"  W8A8, one projection at a time in int8 (the others float32); it keeps {', '.join(W8A8_FLOAT)} "
               "in float16:")
-        for proj in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-                     "feed_forward.w2", "feed_forward.w3", "output"):
+        for proj in PROJECTIONS:
             print(f"    {proj:16s} {quality(w8a8_only(copy.deepcopy(fp32.model), (proj,)))}")
         everything = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=())
         print(f"    all of them     {quality(everything)}")

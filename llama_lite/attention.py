@@ -52,14 +52,23 @@ class Attention(nn.Module):
         else:
             keys, values = xk, xv
 
-        # (bsz, seq, heads, hd) -> (bsz, heads, seq, hd); keys, values keep n_kv_heads heads
+        # Query head h reads kv head h // n_rep. A decode step (no mask) lets SDPA read each
+        # shared head in place (enable_gqa) instead of copying the whole cache n_rep times every
+        # step (notebook 04 measures that copy). A prompt (with its mask) copies the heads with
+        # repeat_kv, as Meta's reference does: with a mask several of PyTorch's kernels refuse
+        # enable_gqa (CUDA's flash and memory-efficient ones) and fall back to one that builds the
+        # whole score matrix, and a prompt pays the copy once. Apple GPUs (mps) copy too: torch
+        # 2.5 and 2.6 fail there on enable_gqa.
+        share = self.n_rep > 1 and mask is None and x.device.type != "mps"
+        if self.n_rep > 1 and not share:
+            keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len, n_heads, hd)
+            values = repeat_kv(values, self.n_rep)
+
+        # (bsz, seq, heads, hd) -> (bsz, heads, seq, hd)
         xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        # softmax(q k^T / sqrt(hd) + mask) v, query head h reading kv head h // n_rep: exactly
-        # what repeat_kv spells out (notebook 04 checks the two agree), but enable_gqa lets the
-        # kernel read the shared head in place instead of copying the whole cache n_rep times
-        # every step (notebook 04 measures that copy).
+        # softmax(q k^T / sqrt(hd) + mask) v; notebook 04 writes it out and checks it against this.
         out = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, scale=1 / math.sqrt(self.head_dim),
-                                             enable_gqa=self.n_rep > 1)
+                                             enable_gqa=share)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, heads * hd)
         return self.wo(out)
 
@@ -71,7 +80,7 @@ def regroup_kv_weight(w: torch.Tensor, n_kv_heads: int, new_n_kv_heads: int) -> 
 
     Fewer heads: each new head is the mean of the old heads it replaces (the GQA paper's
     "mean-pooling" before uptraining; an approximation). More heads: each old head is repeated,
-    so new head j copies old head j // n_rep, exactly what repeat_kv does at run time (exact).
+    so new head j copies old head j // n_rep, exactly the sharing repeat_kv spells out (exact).
     """
     out_dim, dim = w.shape
     head_dim = out_dim // n_kv_heads

@@ -1,8 +1,10 @@
-"""Measuring a model on real text: the shipped sample and perplexity."""
+"""Measuring a model on real text: the shipped sample, perplexity, and how far a quantized
+model's next-token distributions are from float32's (compare)."""
 from collections.abc import Sequence
 from importlib import resources
 
 import torch
+import torch.nn.functional as F
 
 
 def sample_text() -> str:
@@ -11,14 +13,9 @@ def sample_text() -> str:
     return resources.files("llama_lite").joinpath("data/declaration.txt").read_text(encoding="utf-8").strip()
 
 
-@torch.inference_mode()
-def log_probs(model, tokens: Sequence[int], stepwise: bool = False) -> torch.Tensor:
-    """log p(next token | prefix) over the vocabulary after each prefix of tokens, float32,
-    (len(tokens) - 1, vocab): in one forward, or with stepwise=True one token per forward through
-    a KV cache, as decoding runs. In float the two agree to rounding. With int8 activations
-    (W8A8) they differ more: the cached and the uncached forward differ in the last bits, one
-    activation then rounds to the neighbouring integer, and that step grows through the layers;
-    the two are two draws of the rounding noise."""
+def _next_token_logits(model, tokens: Sequence[int], stepwise: bool) -> torch.Tensor:
+    """Logits after each prefix of tokens, (len(tokens) - 1, vocab), in the model's dtype: in one
+    forward, or one token per forward through a KV cache, as decoding runs."""
     if len(tokens) < 2:
         raise ValueError("scoring a text needs at least two tokens")
     if len(tokens) > model.params.max_seq_len:
@@ -26,24 +23,35 @@ def log_probs(model, tokens: Sequence[int], stepwise: bool = False) -> torch.Ten
                          "score a shorter slice")
     x = torch.tensor([list(tokens)], device=model.tok_embeddings.weight.device)
     if not stepwise:
-        logits = model(x[:, :-1])  # (1, n-1, vocab)
-    else:
-        from .generation import model_lock  # the cache is the model's: not while a generate runs
+        return model(x[:, :-1])[0]
+    from .generation import model_lock  # the cache is the model's: not while a generate runs
 
-        with model_lock(model):
-            model.setup_cache(1, x.shape[1])
-            try:
-                logits = torch.cat([model(x[:, i:i + 1], i) for i in range(x.shape[1] - 1)], dim=1)  # (1, n-1, vocab)
-            finally:
-                model.clear_cache()
-    return torch.log_softmax(logits[0].float(), dim=-1)
+    with model_lock(model):
+        model.setup_cache(1, x.shape[1])
+        try:
+            return torch.cat([model(x[:, i:i + 1], i) for i in range(x.shape[1] - 1)], dim=1)[0]
+        finally:
+            model.clear_cache()
 
 
+@torch.inference_mode()
 def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
-    """exp(mean negative log-likelihood) of tokens[1:] given their prefixes (see log_probs)."""
-    lp = log_probs(model, tokens, stepwise)
-    targets = torch.tensor(list(tokens)[1:], device=lp.device)
-    return float(torch.exp(-lp.gather(1, targets[:, None]).mean()))
+    """exp(mean negative log-likelihood) of tokens[1:] given their prefixes: in one forward, or
+    with stepwise=True one token per forward through a KV cache, as decoding runs. In float the
+    two agree to rounding. With int8 activations (W8A8) they differ more: the cached and the
+    uncached forward differ in the last bits, one activation then rounds to the neighbouring
+    integer, and that step grows through the layers; the two are two draws of the rounding
+    noise, and their spread is how precisely int8's cost is known."""
+    logits = _next_token_logits(model, tokens, stepwise)
+    targets = torch.tensor(list(tokens)[1:], device=logits.device)
+    return float(torch.exp(F.cross_entropy(logits, targets)))
+
+
+@torch.inference_mode()
+def log_probs(model, tokens: Sequence[int], stepwise: bool = False) -> torch.Tensor:
+    """log p(next token | prefix) over the whole vocabulary after each prefix of tokens, float32,
+    (len(tokens) - 1, vocab): what `compare` measures two models by. stepwise as in perplexity."""
+    return torch.log_softmax(_next_token_logits(model, tokens, stepwise).float(), dim=-1)
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor, tokens: Sequence[int]) -> dict:
@@ -59,7 +67,7 @@ def compare(reference: torch.Tensor, other: torch.Tensor, tokens: Sequence[int])
     targets = torch.tensor(list(tokens)[1:], device=reference.device)[:, None]
     kl = (reference.exp() * (reference - other)).sum(-1)  # (n-1,)
     diff = (reference.gather(1, targets) - other.gather(1, targets))[:, 0]  # other's extra nll per token
-    spread = 2 * diff.std() / diff.numel() ** 0.5
+    spread = 2 * diff.std() / diff.numel() ** 0.5 if diff.numel() > 1 else float("inf")  # one token: no range
     return {"kl": float(kl.mean()), "top1": float((reference.argmax(-1) == other.argmax(-1)).float().mean()),
             "ppl_ratio": float(diff.mean().exp()),
             "ppl_interval": (float((diff.mean() - spread).exp()), float((diff.mean() + spread).exp()))}

@@ -1,5 +1,6 @@
-"""llama_lite.attention against references nobody here wrote: transformers' LlamaAttention on the
-same weights (MHA, GQA, MQA), torch.repeat_interleave, and PyTorch's own grouped-query SDPA."""
+"""llama_lite.attention against references nobody here wrote (transformers' LlamaAttention on the
+same weights, MHA, GQA and MQA; torch.repeat_interleave; PyTorch's own grouped-query SDPA), and
+against attention written out."""
 import math
 
 import pytest
@@ -154,3 +155,40 @@ def test_regroup_kv_weight_means_and_repeats():
         regroup_kv_weight(w, 4, 3)
     with pytest.raises(ValueError, match="repeated"):
         regroup_kv_weight(w, 4, 6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decode_step_shares_kv_heads_in_place_and_equals_repeat_kv(name, monkeypatch):
+    """A decode step hands SDPA the cache's own n_kv_heads heads (enable_gqa: no copy of the
+    cache); a prompt, with its mask, hands it repeat_kv's n_heads (kernels that take a mask may
+    refuse enable_gqa). Both give what repeat_kv and plain attention give (written out)."""
+    args = args_for(CONFIGS[name])
+    attn = random_attention(args)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    from llama_lite.kv_cache import KVCache
+    from llama_lite.positions import apply_rotary_emb
+
+    attn.cache = KVCache(1, 16, args.n_kv_heads, args.head_dim)
+    x = torch.randn(1, 6, args.dim, generator=torch.Generator().manual_seed(6))
+    freqs = precompute_freqs_cis(args.head_dim, args.max_seq_len)
+    with torch.no_grad():
+        attn(x[:, :5], 0, freqs[:5], causal_mask(5))
+        step = attn(x[:, 5:], 5, freqs[5:6], None)
+        q = attn.wq(x).view(1, 6, args.n_heads, args.head_dim)
+        k = attn.wk(x).view(1, 6, args.n_kv_heads, args.head_dim)
+        v = attn.wv(x).view(1, 6, args.n_kv_heads, args.head_dim)
+        q, k = apply_rotary_emb(q, k, freqs[:6])
+        n_rep = args.n_heads // args.n_kv_heads
+        k, v = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)
+        scores = q[:, 5:].transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(args.head_dim)  # the last token sees all 6
+        written = attn.wo((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, 1, -1))
+    sharing = args.n_kv_heads < args.n_heads
+    assert seen == [(args.n_heads, False), (args.n_kv_heads if sharing else args.n_heads, sharing)]
+    assert (step - written).abs().max().item() <= 1e-5
