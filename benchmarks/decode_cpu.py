@@ -289,6 +289,8 @@ def main(argv=None):
             print(f"    {proj:16s} {quality(w8a8_only(copy.deepcopy(fp32.model), (proj,)))}")
         everything = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=())
         print(f"    all of them     {quality(everything)}")
+        w2_only = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=("feed_forward.w2",))
+        print(f"  W8A8 keeping only W_2 in float16 (W_V int8 too): {quality(w2_only)}")
     for name in outputs:
         if name.startswith("llama.cpp"):
             print(f"{name}: greedy tokens equal to llama_lite fp32's: the first {first_difference(outputs[name], base)} "

@@ -52,14 +52,15 @@ class Attention(nn.Module):
         else:
             keys, values = xk, xv
 
-        # Query head h reads kv head h // n_rep. A decode step (no mask) lets SDPA read each
-        # shared head in place (enable_gqa) instead of copying the whole cache n_rep times every
-        # step (notebook 04 measures that copy). A prompt (with its mask) copies the heads with
-        # repeat_kv, as Meta's reference does: with a mask several of PyTorch's kernels refuse
-        # enable_gqa (CUDA's flash and memory-efficient ones) and fall back to one that builds the
-        # whole score matrix, and a prompt pays the copy once. Apple GPUs (mps) copy too: torch
-        # 2.5 and 2.6 fail there on enable_gqa.
-        share = self.n_rep > 1 and mask is None and x.device.type != "mps"
+        # Query head h reads kv head h // n_rep. A decode step on the CPU hands SDPA the shared
+        # heads as they are (enable_gqa), and recent torch's CPU kernel reads them in place
+        # instead of copying the whole cache n_rep times every step (notebook 04 measures that
+        # copy; an older torch copies inside SDPA, as repeat_kv would). Prompts (with their mask) and GPUs copy the heads
+        # with repeat_kv, as Meta's reference does: which fused kernel takes enable_gqa depends on
+        # the mask, dtype, GPU and torch version (CUDA's memory-efficient kernel never does; flash
+        # takes no mask), and one that refuses falls back to the math kernel, slower than
+        # repeat_kv + a fused kernel; on Apple GPUs, torch 2.5 and 2.6 fail on it.
+        share = self.n_rep > 1 and mask is None and x.device.type == "cpu"
         if self.n_rep > 1 and not share:
             keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len, n_heads, hd)
             values = repeat_kv(values, self.n_rep)

@@ -14,8 +14,9 @@ def sample_text() -> str:
 
 
 def _next_token_logits(model, tokens: Sequence[int], stepwise: bool) -> torch.Tensor:
-    """Logits after each prefix of tokens, (len(tokens) - 1, vocab), in the model's dtype: in one
-    forward, or one token per forward through a KV cache, as decoding runs."""
+    """Logits after each prefix of tokens, (len(tokens) - 1, vocab), float32 (Transformer.forward
+    returns float logits): in one forward, or one token per forward through a KV cache, as
+    decoding runs."""
     if len(tokens) < 2:
         raise ValueError("scoring a text needs at least two tokens")
     if len(tokens) > model.params.max_seq_len:
@@ -51,7 +52,7 @@ def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
 def log_probs(model, tokens: Sequence[int], stepwise: bool = False) -> torch.Tensor:
     """log p(next token | prefix) over the whole vocabulary after each prefix of tokens, float32,
     (len(tokens) - 1, vocab): what `compare` measures two models by. stepwise as in perplexity."""
-    return torch.log_softmax(_next_token_logits(model, tokens, stepwise).float(), dim=-1)
+    return torch.log_softmax(_next_token_logits(model, tokens, stepwise), dim=-1)
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor, tokens: Sequence[int]) -> dict:
@@ -64,6 +65,9 @@ def compare(reference: torch.Tensor, other: torch.Tensor, tokens: Sequence[int])
     ppl_ratio: other's perplexity over the reference's, with `ppl_interval`, its 95% range from
         the per-token log-likelihood differences (mean +- 2 standard errors, tokens taken as
         independent): on a few hundred tokens a change of a few percent is within it."""
+    if reference.shape != other.shape or reference.shape[0] != len(tokens) - 1:
+        raise ValueError(f"compare takes two log_probs of the same {len(tokens)} tokens, ({len(tokens) - 1}, vocab) "
+                         f"each; got {tuple(reference.shape)} and {tuple(other.shape)}")
     targets = torch.tensor(list(tokens)[1:], device=reference.device)[:, None]
     kl = (reference.exp() * (reference - other)).sum(-1)  # (n-1,)
     diff = (reference.gather(1, targets) - other.gather(1, targets))[:, 0]  # other's extra nll per token

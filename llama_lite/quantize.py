@@ -173,9 +173,9 @@ _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
 def w8a8_available() -> tuple[bool, str]:
     """(whether W8A8Linear and F16Linear run correctly here, why not). They need FBGEMM,
     PyTorch's x86 int8 engine, and int8 kernels that add u8 x s8 products exactly: without
-    AVX512-VNNI they add pairs in 16 bits and saturate (255 * 127 * 2 > 32767). Each kernel is
-    tried once per process on the input that saturates, so a CPU that would give wrong answers is
-    refused, not used."""
+    AVX512-VNNI they add pairs in 16 bits and saturate (255 * 127 * 2 > 32767). Each int8 kernel
+    is tried once per process on the input that saturates, and the float16 one on a small input,
+    so a CPU that would give wrong answers is refused, not used."""
     if not _W8A8:
         engine = torch.backends.quantized.engine
         if engine not in ("x86", "fbgemm"):
@@ -283,25 +283,28 @@ class W8A8Linear(_PackedLinear):
                 self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self._packed = torch.ops.quantized.linear_prepack(qw, None)
         self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)  # (out,)
-        # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset
+        # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset (about)
         self.nbytes = self.weight.numel() + 12 * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if x.numel() == self.in_features and x.dim() >= 2 and x.dtype == torch.float32 and not x.requires_grad:
             # One row: a batch-1 decode step, the hot path, straight to FBGEMM (which flattens
-            # and restores the leading dims, given at least two). reduce_range=False: all 8 bits for the activation,
-            # not the 7 that keep a CPU without VNNI from saturating; w8a8_available() refuses
-            # such a CPU instead.
-            return torch.ops.quantized.linear_dynamic(x, self._packed, False)
+            # and restores the leading dims, given at least two).
+            return self._one_row(x)
         with torch.no_grad():  # inference only: rounding has no useful gradient, so none flows back
             return self._forward(x)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range=False: all 8 bits for the activation, not the 7 that keep a CPU without
+        # VNNI from saturating; w8a8_available() refuses such a CPU instead.
+        return torch.ops.quantized.linear_dynamic(x, self._packed, False)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, lead = x.dtype, x.shape[:-1]
         flat = x.float().reshape(-1, self.in_features)  # (rows, in)
         if flat.shape[0] == 1:
-            out = torch.ops.quantized.linear_dynamic(flat, self._packed, False)
+            out = self._one_row(flat)
         else:
             lo = flat.amin(dim=1, keepdim=True).clamp(max=0)  # (rows, 1)
             hi = flat.amax(dim=1, keepdim=True).clamp(min=0)
@@ -341,15 +344,19 @@ class F16Linear(_PackedLinear):
         self._pack()
 
     def _pack(self) -> None:
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float16:
-            self._refuse()
+        if self.weight.device.type != "cpu" or self.weight.dtype not in (torch.float16, torch.float32, torch.float64):
+            self._refuse()  # moved, or cast to a narrower type (bfloat16) that has lost bits
+        if self.weight.dtype != torch.float16:
+            # widened (a model.float(), or float32 weights loaded with assign=True): back to
+            # float16, exact for the former, the rounding any F16Linear does for the latter
+            self._buffers["weight"] = self.weight.half()
         self._packed = torch.ops.quantized.linear_prepack_fp16(self.weight.float(), None)
-        self.nbytes = 2 * self.weight.numel()  # the packed copy: float16
+        self.nbytes = 2 * self.weight.numel()  # the packed copy: float16 (about: FBGEMM pads its blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if x.dim() >= 2 and x.dtype == torch.float32 and not x.requires_grad:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)  # the decode step's path
+            return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)  # float32 in: any number of rows
         with torch.no_grad():  # inference only, as W8A8Linear
             flat = x.float().reshape(-1, self.in_features)  # (rows, in): FBGEMM wants two dims at least
             out = torch.ops.quantized.linear_dynamic_fp16(flat, self._packed)

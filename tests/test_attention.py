@@ -93,6 +93,22 @@ def test_repeat_kv_equals_repeat_interleave(n_rep):
         assert torch.equal(out[:, :, h], x[:, :, h // n_rep])
 
 
+def written_out(attn, args, x, freqs):
+    """softmax(q k^T / sqrt(d) + causal mask) v through W_O, kv head h // n_rep for query head h,
+    with repeat_interleave (not our repeat_kv): x (1, n, dim) -> (1, n, dim)."""
+    from llama_lite.positions import apply_rotary_emb
+
+    n = x.shape[1]
+    q = attn.wq(x).view(1, n, args.n_heads, args.head_dim)
+    k = attn.wk(x).view(1, n, args.n_kv_heads, args.head_dim)
+    v = attn.wv(x).view(1, n, args.n_kv_heads, args.head_dim)
+    q, k = apply_rotary_emb(q, k, freqs)
+    group = args.n_heads // args.n_kv_heads
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(args.head_dim) + causal_mask(n)
+    return attn.wo((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, n, -1))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_attention_equals_from_scratch_and_torch_gqa_sdpa(name):
     args = args_for(CONFIGS[name])
@@ -110,13 +126,8 @@ def test_attention_equals_from_scratch_and_torch_gqa_sdpa(name):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # PyTorch's own grouped-query path (no repeat_kv of ours involved)
         torch_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        # written out: softmax(q k^T / sqrt(d) + causal mask) v, with kv head h // n_rep for query head h
-        group = args.n_heads // args.n_kv_heads
-        k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = q @ k_full.transpose(-1, -2) / math.sqrt(args.head_dim) + causal_mask(11)
-        scratch = torch.softmax(scores, dim=-1) @ v_full
-        assert (scratch - torch_out).abs().max().item() <= 1e-5
         torch_final = attn.wo(torch_out.transpose(1, 2).reshape(1, 11, -1))
+        assert (written_out(attn, args, x, freqs) - torch_final).abs().max().item() <= 1e-5
     assert (ours - torch_final).abs().max().item() <= 1e-5
 
 
@@ -158,10 +169,10 @@ def test_regroup_kv_weight_means_and_repeats():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_decode_step_shares_kv_heads_in_place_and_equals_repeat_kv(name, monkeypatch):
-    """A decode step hands SDPA the cache's own n_kv_heads heads (enable_gqa: no copy of the
-    cache); a prompt, with its mask, hands it repeat_kv's n_heads (kernels that take a mask may
-    refuse enable_gqa). Both give what repeat_kv and plain attention give (written out)."""
+def test_cpu_decode_step_hands_sdpa_the_shared_kv_heads(name, monkeypatch):
+    """A CPU decode step hands SDPA the cache's own n_kv_heads heads (enable_gqa: repeat_kv's
+    copy of the cache is not made); a prompt, with its mask, hands it repeat_kv's n_heads
+    (kernels that take a mask may refuse enable_gqa). Both equal attention written out."""
     args = args_for(CONFIGS[name])
     attn = random_attention(args)
     seen = []
@@ -173,22 +184,16 @@ def test_decode_step_shares_kv_heads_in_place_and_equals_repeat_kv(name, monkeyp
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     from llama_lite.kv_cache import KVCache
-    from llama_lite.positions import apply_rotary_emb
 
     attn.cache = KVCache(1, 16, args.n_kv_heads, args.head_dim)
     x = torch.randn(1, 6, args.dim, generator=torch.Generator().manual_seed(6))
     freqs = precompute_freqs_cis(args.head_dim, args.max_seq_len)
     with torch.no_grad():
-        attn(x[:, :5], 0, freqs[:5], causal_mask(5))
+        prompt = attn(x[:, :5], 0, freqs[:5], causal_mask(5))
         step = attn(x[:, 5:], 5, freqs[5:6], None)
-        q = attn.wq(x).view(1, 6, args.n_heads, args.head_dim)
-        k = attn.wk(x).view(1, 6, args.n_kv_heads, args.head_dim)
-        v = attn.wv(x).view(1, 6, args.n_kv_heads, args.head_dim)
-        q, k = apply_rotary_emb(q, k, freqs[:6])
-        n_rep = args.n_heads // args.n_kv_heads
-        k, v = repeat_kv(k, n_rep).transpose(1, 2), repeat_kv(v, n_rep).transpose(1, 2)
-        scores = q[:, 5:].transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(args.head_dim)  # the last token sees all 6
-        written = attn.wo((torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, 1, -1))
+        monkeypatch.undo()
+        written = written_out(attn, args, x, freqs[:6])
     sharing = args.n_kv_heads < args.n_heads
     assert seen == [(args.n_heads, False), (args.n_kv_heads if sharing else args.n_heads, sharing)]
-    assert (step - written).abs().max().item() <= 1e-5
+    assert (prompt - written[:, :5]).abs().max().item() <= 1e-5
+    assert (step - written[:, 5:]).abs().max().item() <= 1e-5

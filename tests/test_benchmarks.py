@@ -55,5 +55,6 @@ def test_decode_cpu_script_quick(smollm2_path):
     if w8a8_available()[0]:
         assert "llama_lite w8a8 cached" in out and "token by token, as decoded: KL" in out
         assert "feed_forward.w2  KL" in out and "all of them     KL" in out
+        assert "W8A8 keeping only W_2 in float16 (W_V int8 too): KL" in out
     else:
         assert "w8a8 row skipped: " + w8a8_available()[1] in out

@@ -312,10 +312,11 @@ def test_f16_linear_is_float32_arithmetic_on_float16_weights():
     other = F16Linear(torch.randn(96, 160))
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other(x), layer(x))  # FBGEMM's packed copy follows the loaded weights
-    for move in (lambda m: m.to("meta"), lambda m: m.float(), lambda m: m.bfloat16()):
+    for move in (lambda m: m.to("meta"), lambda m: m.bfloat16()):
         with pytest.raises(ValueError, match="an? F16Linear stays on the CPU with float16 weights"):
             move(layer)
     assert torch.equal(layer(x), other(x)) and layer.weight.dtype == torch.float16  # refused, left as it was
+    assert torch.equal(layer.float()(x), other(x)) and layer.weight.dtype == torch.float16  # widening: harmless
     with pytest.raises(ValueError, match="does not fit float16"):
         F16Linear(torch.full((2, 2), 1e5))
 
@@ -350,6 +351,10 @@ def test_w8a8_smollm2_quality_and_why_w2_and_wv_stay_float(llama):
     assert min(kept) > 1.5 * max(rest.values()), (kept, rest)
     w2_only = quantize_model_w8a8(copy.deepcopy(llama.model), keep_float=("feed_forward.w2",))
     assert one["kl"] < 0.8 * compare(reference, log_probs(w2_only, tokens), tokens)["kl"]  # measured 0.036 vs 0.063
+    w8a8.float()  # a no-op cast on a float32 model: accepted, nothing changes
+    assert compare(reference, log_probs(w8a8, tokens), tokens) == one
+    with pytest.raises(ValueError, match="compare takes two log_probs of the same 5 tokens"):
+        compare(reference, reference, tokens[:5])
     same = compare(reference, reference, tokens)
     assert same["kl"] == 0 and same["top1"] == 1 and same["ppl_ratio"] == 1 and same["ppl_interval"] == (1, 1)
 
