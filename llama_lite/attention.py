@@ -53,13 +53,13 @@ class Attention(nn.Module):
             keys, values = xk, xv
 
         # Query head h reads kv head h // n_rep. A decode step on the CPU hands SDPA the shared
-        # heads as they are (enable_gqa), and recent torch's CPU kernel reads them in place
-        # instead of copying the whole cache n_rep times every step (notebook 04 measures that
-        # copy; an older torch copies inside SDPA, as repeat_kv would). Prompts (with their mask) and GPUs copy the heads
-        # with repeat_kv, as Meta's reference does: which fused kernel takes enable_gqa depends on
-        # the mask, dtype, GPU and torch version (CUDA's memory-efficient kernel never does; flash
-        # takes no mask), and one that refuses falls back to the math kernel, slower than
-        # repeat_kv + a fused kernel; on Apple GPUs, torch 2.5 and 2.6 fail on it.
+        # heads as they are (enable_gqa): recent torch's CPU kernel reads them in place instead of
+        # copying the whole cache n_rep times every step (notebook 04 measures that copy; an older
+        # torch copies inside SDPA, as repeat_kv would). Prompts (with their mask) and GPUs copy
+        # with repeat_kv, as Meta's reference does: whether a fused GPU kernel takes enable_gqa
+        # depends on mask, dtype, GPU and torch version (CUDA's memory-efficient kernel never
+        # does, flash takes no mask), one that refuses falls back to the slower math kernel, and
+        # on Apple GPUs torch 2.5 and 2.6 fail on it.
         share = self.n_rep > 1 and mask is None and x.device.type == "cpu"
         if self.n_rep > 1 and not share:
             keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len, n_heads, hd)

@@ -210,7 +210,8 @@ def require_w8a8() -> None:
 
 class _PackedLinear(nn.Module):
     """A CPU inference Linear whose weight FBGEMM keeps in a packed copy of its own (not a buffer:
-    it follows the buffers through load_state_dict, and refuses moves and casts)."""
+    it follows the buffers through load_state_dict, and refuses moves off the CPU and casts that
+    would lose what it was packed from)."""
 
     keeps = ""  # what a move or a cast would break, for the refusal
 
