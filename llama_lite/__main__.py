@@ -136,4 +136,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .parallel import exit_rank
+
+        exit_rank(code)  # one rank of torchrun's: leave without finalization (see exit_rank)
+    sys.exit(code)
