@@ -28,7 +28,7 @@ from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
 from .model import Transformer
-from .quantize import INT8_FLOAT, Int8Linear, named, require_w8a8, w8a8_layer
+from .quantize import int8_layer, require_w8a8, w8a8_layer
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -243,7 +243,7 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     if quantize == "w8a8":
         dtype = torch.float32  # the embeddings and the norms, whatever the checkpoint stores
     make = {  # the layer a Linear `name` becomes, None to stay an nn.Linear
-        "int8": lambda name, t: None if named(name, INT8_FLOAT) else Int8Linear(t.to(device), dtype),
+        "int8": lambda name, t: int8_layer(name, t, dtype, device),
         "w8a8": w8a8_layer,
     }.get(quantize, lambda name, t: None)
     model = empty_model(args)

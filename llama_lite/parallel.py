@@ -386,8 +386,7 @@ def _logits_main(argv) -> int:
     if dist.get_rank() == 0:
         torch.save(dict(prefill=prefill, first_cached=steps[0], decode=torch.cat(steps[1:], dim=1), decode_tokens=fed,
                         ranks=infos), a.out)
-    _close()
-    return 0
+    return 0  # exit_rank (its caller) leaves the group
 
 
 if __name__ == "__main__":

@@ -124,7 +124,16 @@ def quantize_model_int8(model: nn.Module, skip: tuple[str, ...] = INT8_FLOAT) ->
     """Replace every nn.Linear in the model (but those named in skip, by default the output
     projection, whose errors go straight into the logits) with an Int8Linear, in place."""
     _check_names(skip)
-    return _replace_linears(model, lambda name, w: None if named(name, skip) else Int8Linear(w, w.dtype))
+    return _replace_linears(model, lambda name, w: int8_layer(name, w, w.dtype, skip=skip))
+
+
+def int8_layer(name: str, weight: torch.Tensor, dtype: torch.dtype, device=None,
+               skip: tuple[str, ...] = INT8_FLOAT) -> nn.Module | None:
+    """What the Linear `name` becomes under weight-only int8: None (stays float) if skip names it,
+    else an Int8Linear of `weight` (moved to `device` first, if given) with `dtype` scales."""
+    if named(name, skip):
+        return None
+    return Int8Linear(weight if device is None else weight.to(device), dtype)
 
 
 def named(name: str, names: tuple[str, ...]) -> bool:
