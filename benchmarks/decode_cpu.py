@@ -14,7 +14,8 @@ Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth ro
 and of a read-only sum), the quality cost of int8/W8A8/bf16 on llama_lite.evaluate.sample_text
 (KL divergence from fp32's next-token distributions, top-1 agreement, the perplexity ratio with
 its 95% range: llama_lite.evaluate.compare; and greedy tokens shared with fp32), W8A8's cost
-one projection at a time, and the time from GGUF file to ready model.
+one projection at a time, without smoothing and keeping W_V in float16, and the time from GGUF
+file to ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
     python benchmarks/decode_cpu.py --quick      # 32 new tokens, 1 repeat
@@ -138,7 +139,7 @@ def main(argv=None):
     from llama_lite.evaluate import compare, log_probs, perplexity, sample_text
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
-    from llama_lite.quantize import PROJECTIONS, W8A8_FLOAT, quantize_model_w8a8, w8a8_available, w8a8_only
+    from llama_lite.quantize import PROJECTIONS, quantize_model_w8a8, w8a8_available, w8a8_only
     from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
@@ -169,11 +170,14 @@ def main(argv=None):
         methods["llama_lite compiled"] = lambda: eager_run(compiled)
     int8 = Llama.build(quantize="int8")
     methods["llama_lite int8 cached"] = lambda: eager_run(int8)
-    w8a8 = None
+    w8a8 = w8a8_f16 = None
     ok, why = w8a8_available()
     if ok:
         w8a8 = Llama.build(quantize="w8a8")
         methods["llama_lite w8a8 cached"] = lambda: eager_run(w8a8)
+        # the alternative to rotating W_2: keeping it out of int8, its weights float16
+        w8a8_f16 = Llama(quantize_model_w8a8(Llama.build().model, keep_float=("feed_forward.w2",)), fp32.tokenizer)
+        methods["llama_lite w8a8, W_2 float16"] = lambda: eager_run(w8a8_f16)
     else:
         print(f"w8a8 row skipped: {why}")
     bf16 = None
@@ -232,6 +236,9 @@ def main(argv=None):
     uncached_s = time.perf_counter() - t
 
     tps = {k: n_new / statistics.median(v) for k, v in times.items()}
+    models = {"llama_lite cached": fp32, "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
+              "llama_lite w8a8 cached": w8a8, "llama_lite w8a8, W_2 float16": w8a8_f16,
+              "llama_lite bf16 cached": bf16, "transformers generate": fp32}  # whose weights each row reads
     weights = decode_bytes(fp32.model)
     roofline, read_roofline = bw / weights, read_bw / weights
     ref = tps.get("transformers generate")
@@ -244,8 +251,7 @@ def main(argv=None):
         if name.startswith("llama.cpp"):
             b = smollm2_gguf_path().stat().st_size  # its quantized weights, as stored in the file
         else:
-            b = decode_bytes((int8 if "int8" in name else w8a8 if "w8a8" in name else bf16 if "bf16" in name
-                              else fp32).model)
+            b = decode_bytes(models[name].model)
         print(f"{name:28s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
               f"{v / (read_bw / b):17.0%}")
     n_linear, linear_s = linears_alone(fp32.model)
@@ -283,14 +289,15 @@ def main(argv=None):
         if k < len(base):
             print(f"    ({top_two_at(fp32, prompt, base, k)})")
     if w8a8:
-        print(f"  W8A8, one projection at a time in int8 (the others float32); it keeps {', '.join(W8A8_FLOAT)} "
-              "in float16:")
+        print("  W8A8, one projection at a time in int8, smoothed and W_2 rotated as in the w8a8 row (the others "
+              "float32):")
         for proj in PROJECTIONS:
             print(f"    {proj:16s} {quality(w8a8_only(copy.deepcopy(fp32.model), (proj,)))}")
-        everything = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=())
-        print(f"    all of them     {quality(everything)}")
-        w2_only = quantize_model_w8a8(copy.deepcopy(fp32.model), keep_float=("feed_forward.w2",))
-        print(f"  W8A8 keeping only W_2 in float16 (W_V int8 too): {quality(w2_only)}")
+        print(f"    {'W_2 not rotated':16s} {quality(w8a8_only(copy.deepcopy(fp32.model), ('feed_forward.w2',), rotate=()))}")
+        unsmoothed = quantize_model_w8a8(copy.deepcopy(fp32.model), smooth=False)
+        print(f"  W8A8 without smoothing: {quality(unsmoothed)}")
+        print(f"  W8A8 with W_2 not rotated: {quality(quantize_model_w8a8(copy.deepcopy(fp32.model), rotate=()))}")
+        print(f"  W8A8 with W_2 in float16 instead (the w8a8, W_2 float16 row): {quality(w8a8_f16.model)}")
     for name in outputs:
         if name.startswith("llama.cpp"):
             print(f"{name}: greedy tokens equal to llama_lite fp32's: the first {first_difference(outputs[name], base)} "

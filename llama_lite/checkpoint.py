@@ -28,7 +28,7 @@ from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
 from .model import Transformer
-from .quantize import int8_layer, require_w8a8, w8a8_layer
+from .quantize import int8_layer, quantize_model_w8a8, require_w8a8
 
 
 # -- Meta's consolidated.*.pth ------------------------------------------------------------------
@@ -237,14 +237,14 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     """Build the model on the meta device, then fill it one tensor at a time. quantize="int8"
     turns each Linear but the output into an Int8Linear as its weight arrives, so the full
     precision model never exists on the device (a 7B then fits a 16 GB GPU). quantize="w8a8"
-    (CPU, float32) turns each Linear into a W8A8Linear, but W_2 and W_V into F16Linear: int8
-    that decodes faster."""
+    (CPU) loads the float32 model, then quantize_model_w8a8 turns it into int8 that decodes
+    faster (its smoothing needs a float forward first: while loading, memory peaks at float32's
+    size, 4 bytes per parameter)."""
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
-        dtype = torch.float32  # the embeddings and the norms, whatever the checkpoint stores
+        dtype = torch.float32
     make = {  # the layer a Linear `name` becomes, None to stay an nn.Linear
         "int8": lambda name, t: int8_layer(name, t, dtype, device),
-        "w8a8": w8a8_layer,
     }.get(quantize, lambda name, t: None)
     model = empty_model(args)
     expected = dict(model.named_parameters())  # a tied output.weight is listed once, as tok_embeddings
@@ -286,8 +286,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         raise CheckpointError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; is the download complete?")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-        if quantize == "w8a8":  # the output's int8 copy; the embedding table stays float for lookups
-            model.output = w8a8_layer("output", model.tok_embeddings.weight)
+    if quantize == "w8a8":  # a tied output gets its int8 copy; the embedding table stays float for lookups
+        quantize_model_w8a8(model)
     return model.eval()
 
 

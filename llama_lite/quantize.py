@@ -163,19 +163,41 @@ def _replace_linears(model: nn.Module, make) -> nn.Module:
 # Weight-only int8 saves memory, but no PyTorch CPU kernel makes it faster than float32 at
 # batch 1. FBGEMM's dynamic quantized linear does: it quantizes its input to 8 bits in C++ and
 # multiplies int8 by int8 into int32 with the CPU's dot-product instructions. Quantizing
-# activations costs accuracy where they have outliers, and two projections are more sensitive
-# than the rest: W_2, whose input silu(x W_1) * (x W_3) is a product of two projections, and
-# W_V. Measured on SmolLM2 one projection at a time (the others float), as the KL divergence
-# from float32's next-token distribution: W_2 alone in int8 costs the most, W_V next, each over
-# twice any other (decode_cpu.py prints each; tests/test_quantize.py asserts at least 1.5x).
-# So these two keep float32 activations, and only their weights are narrowed, to float16
-# (F16Linear): half of float32's bytes read per step, each weight rounded to 11 significant
-# bits. In a GQA model such as SmolLM2, W_V is small (n_kv_heads heads), so it costs little
-# speed; the choice was measured on SmolLM2 only.
+# activations costs accuracy where they have outliers: a few channels of a token far larger
+# than the rest set the 8-bit step for all of them. Three things keep that cost small:
+#
+# * Smoothing (SmoothQuant, Xiao et al. 2023): x W^T == (x / s)(W * s)^T for any per-channel s,
+#   and s can be folded into the weights, free at run time: into the RMSNorm before W_Q, W_K,
+#   W_V and before W_1, W_3. s_j = max|x_j|^a / max|W_j|^(1-a), a = 0.5, moves half of each
+#   channel's outlier into the weights, which int8 rounds per output row and so tolerates
+#   better. max|x_j| is measured on a forward over calibration tokens (by default random ones:
+#   on SmolLM2 they gave about the KL of a text or of the model's own generations, so the
+#   outlier channels belong to the model more than to the text).
+# * Rotation (as in QuaRot, Ashkboos et al. 2024) for W_2, whose input silu(x W_1) * (x W_3)
+#   is heavy-tailed in every channel (a token's largest value about ten times its RMS), which
+#   no per-channel s can move, and which has no norm to fold into: x W^T == (x H)(W H)^T for an
+#   orthonormal H. With H a Hadamard matrix (entries +-1/sqrt(b), per block of b = 128
+#   channels) each rotated channel is a sum of 128 channels with random-looking signs, so one
+#   large value is spread over 128 and the 8-bit step shrinks. W H is rotated once; x H costs
+#   one small matmul per call. Measured on SmolLM2, W_2 alone in int8 (the others float), as
+#   the KL divergence from float32's next-token distributions: 0.043 plain, 0.011 rotated
+#   (decode_cpu.py prints each projection's; tests/test_quantize.py asserts the margin).
+# * Per-token activation scales (W8A8Linear): a token with large activations coarsens only
+#   its own row.
+#
+# And one call where the model makes several: each FBGEMM call has a fixed cost (about 15 us
+# here, as much as a 576x576 layer's arithmetic), so the projections that read the same input
+# (W_Q, W_K, W_V; W_1, W_3) share one call (_SharedInput), 4 calls per layer instead of 7.
+# F16Linear (float16 weights, float32 activations) is there for layers a user keeps out of
+# int8 (keep_float).
 
 PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
                "feed_forward.w2", "feed_forward.w3", "output")  # every Linear of a Transformer, by name
-W8A8_FLOAT = ("feed_forward.w2", "attention.wv")  # module names quantize_model_w8a8 keeps in floating point (F16Linear)
+W8A8_FLOAT = ()  # module names quantize_model_w8a8 keeps in floating point (F16Linear): none by default
+W8A8_ROTATE = ("feed_forward.w2",)  # module names whose input W8A8Linear rotates (Hadamard) before quantizing
+HADAMARD_BLOCK = 128  # channels per Hadamard block (or the largest power of two dividing in_features, if smaller)
+SMOOTH_ALPHA = 0.5  # how much of each activation outlier smoothing moves into the weights (SmoothQuant's a)
+CALIBRATION_TOKENS = 256  # random tokens whose activations set the smoothing (two sequences of 128)
 _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
 
 
@@ -244,7 +266,7 @@ class _PackedLinear(nn.Module):
         self._pack()  # new weights: FBGEMM's copy follows them
 
     def _apply(self, fn, recurse=True):
-        before = dict(self._buffers)
+        before = {k: t for k, t in self._buffers.items() if t is not None}
         out = super()._apply(fn, recurse)
         if any(self._buffers[k].data_ptr() != t.data_ptr() for k, t in before.items()):
             try:
@@ -274,17 +296,28 @@ class W8A8Linear(_PackedLinear):
 
     keeps = "float32 scales"
 
-    def __init__(self, weight: torch.Tensor, _probe: bool = True):
+    def __init__(self, weight: torch.Tensor, _probe: bool = True, _int8=None, rotate: bool = False):
         super().__init__(weight, _probe)
-        q, scale = quantize_int8(weight)
+        self._shared = None  # the _SharedInput whose one call computes this layer's rows, if any
+        # x W^T == (x H)(W H)^T: W H is what is quantized, x H is computed per call. H (b, b) is
+        # in the state_dict, so that a rotated layer's weights do not load into a plain one.
+        self.register_buffer("hadamard", hadamard(_block(self.in_features)) if rotate else None)
+        if rotate:
+            weight = _rotate(weight.float(), self.hadamard)
+        q, scale = quantize_int8(weight) if _int8 is None else _int8  # _int8: (q, scale), already rounded
         self.register_buffer("weight", q)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,) float32
         self._pack()
 
     def _pack(self) -> None:
         """FBGEMM's copy of the weight, and the row sums the several-row path needs."""
-        if self.weight.device.type != "cpu" or self.scale.dtype != torch.float32:
+        if self.weight.device.type != "cpu" or self.scale.dtype != torch.float32 or (
+                self.hadamard is not None and self.hadamard.dtype != torch.float32):
             self._refuse()
+        self.nbytes = self.weight.numel() + 12 * self.out_features  # see below
+        if self._shared is not None:
+            self._shared.pack()  # its rows live in the shared call's packed copy
+            return
         with warnings.catch_warnings():
             # FBGEMM's packing takes a quantized tensor, a type torch has deprecated (torchao, a
             # separate install, replaces it); w8a8_available() notices if a torch removes it.
@@ -293,11 +326,14 @@ class W8A8Linear(_PackedLinear):
                 self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self._packed = torch.ops.quantized.linear_prepack(qw, None)
         self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)  # (out,)
-        # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset (about)
-        self.nbytes = self.weight.numel() + 12 * self.out_features
+        # nbytes, the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset (about)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._shared is not None:
+            return self._shared.output(self, x)
         self._check_input(x)
+        if self.hadamard is not None:
+            x = _rotate(x, self.hadamard.to(x.dtype))
         if x.numel() == self.in_features and x.dim() >= 2 and x.dtype == torch.float32 and not x.requires_grad:
             # One row: a batch-1 decode step, the hot path, straight to FBGEMM (which flattens
             # and restores the leading dims, given at least two).
@@ -330,14 +366,75 @@ class W8A8Linear(_PackedLinear):
         return out.reshape(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+        rotated = f", input rotated (Hadamard, blocks of {self.hadamard.shape[0]})" if self.hadamard is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations{rotated}"
+
+
+def hadamard(b: int) -> torch.Tensor:
+    """The b x b Hadamard matrix (Sylvester's: b a power of two), scaled to be orthonormal:
+    entries +-1/sqrt(b), H H^T = I, and H = H^T."""
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix has a power-of-two size, not {b}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
+    return h / b ** 0.5
+
+
+def _block(n: int) -> int:
+    """HADAMARD_BLOCK, or the largest power of two that divides n if smaller."""
+    return min(HADAMARD_BLOCK, n & -n)
+
+
+def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x (..., n) times the block-diagonal matrix of n / b copies of h (b, b): each block of b
+    channels rotated on its own."""
+    b = h.shape[0]
+    return (x.reshape(-1, x.shape[-1] // b, b) @ h).reshape(x.shape)  # (rows, blocks, b) -> (..., n)
+
+
+class _SharedInput:
+    """Several W8A8Linear that read the same input (one attention's W_Q, W_K, W_V; one
+    feed-forward's W_1, W_3) computed by one call: their int8 rows and scales stacked into one
+    W8A8Linear. Each input row is quantized the same whatever the weight, so a member's slice of
+    the stacked output is bitwise what it computes alone. The members are called one after
+    another on the same tensor: the first call computes every member's rows, each later member
+    takes its slice, and once all have, nothing is held. A member called again, or on another
+    tensor (or on one changed in place since), computes afresh."""
+
+    def __init__(self, members: list[W8A8Linear]):
+        self.members = members
+        for m in members:
+            m._shared, m._packed, m._row_sums = self, None, None
+        self.pack()
+
+    def pack(self) -> None:
+        """Stack the members' rows again (a member loaded new weights)."""
+        q = torch.cat([m.weight for m in self.members])  # (sum of outs, in) int8
+        scale = torch.cat([m.scale for m in self.members])
+        self.whole = W8A8Linear(q, _probe=False, _int8=(q, scale))
+        ends = torch.tensor([m.out_features for m in self.members]).cumsum(0).tolist()
+        self.slices = [slice(end - m.out_features, end) for end, m in zip(ends, self.members)]
+        self._input, self._version, self._output, self._waiting = None, None, None, set()
+
+    def output(self, member: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+        i = next(k for k, m in enumerate(self.members) if m is member)
+        version = None if x.is_inference() else x._version  # inference tensors keep no version
+        if x is not self._input or version != self._version or i not in self._waiting:
+            self._output = self.whole(x)  # (..., sum of outs): every member's rows at once
+            self._input, self._version, self._waiting = x, version, set(range(len(self.members)))
+        self._waiting.discard(i)
+        out = self._output[..., self.slices[i]]
+        if not self._waiting:
+            self._input, self._output = None, None  # every member has its rows
+        return out
 
 
 class F16Linear(_PackedLinear):
     """y = x W^T with W stored as float16 and everything else float32: FBGEMM's fp16 kernel
     reads 2 bytes per weight and widens them in registers, so the only error is each weight's
-    rounding to float16 (11 significant bits). The layers W8A8 keeps in floating point (W_2,
-    W_V): half of float32's bytes read per step, none of int8's activation rounding. (In
+    rounding to float16 (11 significant bits). The layers a W8A8 model keeps in floating point
+    (keep_float): half of float32's bytes read per step, none of int8's activation rounding. (In
     memory, its float16 buffer and FBGEMM's packed copy together take float32's 4 bytes.)
     CPU only; inference only."""
 
@@ -376,27 +473,136 @@ class F16Linear(_PackedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
 
 
-def quantize_model_w8a8(model: nn.Module, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
+def quantize_model_w8a8(model: nn.Module, keep_float: tuple[str, ...] = W8A8_FLOAT, smooth: bool = True,
+                        rotate: tuple[str, ...] = W8A8_ROTATE, calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace every nn.Linear of a CPU model by a W8A8Linear, in place, but those named in
-    keep_float (see `named`), which become F16Linear. The output projection is included: it is
-    the largest matrix (a fifth of SmolLM2's bytes)."""
+    keep_float (see `named`; none by default), which become F16Linear. The output projection is
+    included: it is the largest matrix (a fifth of SmolLM2's bytes). Those named in `rotate` (by
+    default W_2) rotate their input first. A Transformer is first smoothed (`smooth_for_int8`,
+    on `calibration` tokens, by default random ones; smooth=False skips it), and its
+    projections that read the same input share one call (_SharedInput)."""
     _check_names(keep_float)
+    _check_names(rotate)
     require_w8a8()
-    return _replace_linears(model, lambda name, w: w8a8_layer(name, w, keep_float))
+    if smooth:
+        smooth_for_int8(model, lambda name: not named(name, keep_float), calibration)
+    _replace_linears(model, lambda name, w: w8a8_layer(name, w, keep_float, rotate))
+    return _share_inputs(model)
 
 
-def w8a8_only(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
-    """Only the Linears named in `names` become W8A8Linear, in place, the rest stay as they are:
-    what one projection's int8 costs alone (how W8A8_FLOAT was chosen)."""
+def w8a8_only(model: nn.Module, names: tuple[str, ...], smooth: bool = True,
+              rotate: tuple[str, ...] = W8A8_ROTATE) -> nn.Module:
+    """Only the Linears named in `names` become W8A8Linear (smoothed and rotated as
+    quantize_model_w8a8 does), in place, the rest stay as they are: what one projection's int8
+    costs alone."""
     _check_names(names)
     require_w8a8()
-    return _replace_linears(model, lambda name, w: W8A8Linear(w) if named(name, names) else None)
+    if smooth:
+        smooth_for_int8(model, lambda name: named(name, names))
+    return _replace_linears(model, lambda name, w: w8a8_layer(name, w, (), rotate) if named(name, names) else None)
 
 
-def w8a8_layer(name: str, weight: torch.Tensor, keep_float: tuple[str, ...] = W8A8_FLOAT) -> nn.Module:
-    """What the Linear `name` becomes under W8A8: F16Linear if keep_float names it (by default W_2
-    and W_V), else W8A8Linear."""
-    return F16Linear(weight) if named(name, keep_float) else W8A8Linear(weight)
+def w8a8_layer(name: str, weight: torch.Tensor, keep_float: tuple[str, ...] = W8A8_FLOAT,
+               rotate: tuple[str, ...] = W8A8_ROTATE) -> nn.Module:
+    """What the Linear `name` becomes under W8A8: F16Linear if keep_float names it, else a
+    W8A8Linear, its input rotated if `rotate` names it (by default W_2)."""
+    if named(name, keep_float):
+        return F16Linear(weight)
+    return W8A8Linear(weight, rotate=named(name, rotate))
+
+
+SHARED_INPUTS = (("wq", "wk", "wv"), ("w1", "w3"))  # an Attention's and a FeedForward's Linears that read one input
+
+
+def _share_inputs(model: nn.Module) -> nn.Module:
+    from .attention import Attention  # (they import this module)
+    from .feedforward import FeedForward
+
+    for module in model.modules():
+        if isinstance(module, (Attention, FeedForward)):
+            for names in SHARED_INPUTS:
+                members = [getattr(module, n) for n in names  # rotated inputs are no longer one input
+                           if isinstance(getattr(module, n, None), W8A8Linear) and getattr(module, n).hadamard is None]
+                if len(members) > 1 and all(m._shared is None for m in members):
+                    _SharedInput(members)
+    return model
+
+
+def calibration_tokens(vocab_size: int, max_seq_len: int, n: int = CALIBRATION_TOKENS, seed: int = 0) -> torch.Tensor:
+    """n random token ids, (n // seq, seq) with seq = min(128, max_seq_len): the same for a given
+    seed on every machine."""
+    seq = min(128, max_seq_len)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (max(1, n // seq), seq), generator=g)
+
+
+@torch.no_grad()
+def activation_ranges(model: nn.Module, calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """max |x_j| of each input channel j of every Linear over a forward of `calibration`
+    (token ids, (batch, seq)), by the Linear's module name."""
+    ranges, hooks = {}, []
+
+    def record(name):
+        def hook(module, args, out):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()  # (in,)
+            ranges[name] = torch.maximum(ranges[name], x) if name in ranges else x
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(record(name)))
+    try:
+        model(calibration)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranges
+
+
+@torch.no_grad()
+def smooth_for_int8(model: nn.Module, int8, calibration: torch.Tensor | None = None,
+                    alpha: float = SMOOTH_ALPHA) -> nn.Module:
+    """SmoothQuant, folded into the weights of a float Transformer, in place (the comment above
+    W8A8Linear says why): for each group of projections after an RMSNorm that will have int8
+    activations (int8(name) says which: W_Q, W_K, W_V; W_1, W_3), each input channel j is
+    divided by s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) in the RMSNorm's weight and the
+    projections' columns multiplied by it. In float the model computes the same function (to
+    rounding). New tensors, never the old ones changed: a weight shared with another model
+    stays as it was. Anything but a llama_lite Transformer is left alone (no norms to fold into).
+    calibration: token ids, (batch, seq); by default calibration_tokens()."""
+    from .model import Transformer  # (it imports this module)
+
+    if not isinstance(model, Transformer):
+        return model
+    p = model.params
+    if calibration is None:
+        calibration = calibration_tokens(p.vocab_size, p.max_seq_len)
+    caches = [block.attention.cache for block in model.layers]
+    model.clear_cache()  # the calibration forward is a prompt of its own, not the next tokens of a cached one
+    try:
+        ranges = activation_ranges(model, calibration.to(model.tok_embeddings.weight.device))
+    finally:
+        for block, cache in zip(model.layers, caches):
+            block.attention.cache = cache
+    for i, block in enumerate(model.layers):
+        att, ffn = block.attention, block.feed_forward
+        prefix = f"layers.{i}."
+        if any(int8(prefix + "attention." + n) for n in ("wq", "wk", "wv")):
+            _smooth(ranges[prefix + "attention.wq"], block.attention_norm, (att.wq, att.wk, att.wv), alpha)
+        if any(int8(prefix + "feed_forward." + n) for n in ("w1", "w3")):
+            _smooth(ranges[prefix + "feed_forward.w1"], block.ffn_norm, (ffn.w1, ffn.w3), alpha)
+    return model
+
+
+def _smooth(x_max: torch.Tensor, before: nn.Module, after: tuple[nn.Module, ...], alpha: float) -> None:
+    """Divide the channels `before` (an RMSNorm) makes by s, multiply the columns of the Linears
+    `after` by s."""
+    w_max = torch.cat([m.weight for m in after]).abs().amax(dim=0).float()  # (channels,)
+    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)  # (channels,)
+    w = before.weight
+    before.weight = nn.Parameter((w.float() / s).to(w.dtype), requires_grad=w.requires_grad)
+    for m in after:
+        m.weight = nn.Parameter((m.weight.float() * s).to(m.weight.dtype), requires_grad=m.weight.requires_grad)
 
 
 def is_quantized(model: nn.Module) -> bool:

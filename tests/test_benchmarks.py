@@ -53,8 +53,9 @@ def test_decode_cpu_script_quick(smollm2_path):
     from llama_lite.quantize import w8a8_available
 
     if w8a8_available()[0]:
-        assert "llama_lite w8a8 cached" in out and "token by token, as decoded: KL" in out
-        assert "feed_forward.w2  KL" in out and "all of them     KL" in out
-        assert "W8A8 keeping only W_2 in float16 (W_V int8 too): KL" in out
+        assert "llama_lite w8a8 cached" in out and "llama_lite w8a8, W_2 float16" in out
+        assert "token by token, as decoded: KL" in out
+        assert "feed_forward.w2  KL" in out and "W_2 not rotated  KL" in out
+        assert "W8A8 without smoothing: KL" in out and "W8A8 with W_2 in float16 instead" in out
     else:
         assert "w8a8 row skipped: " + w8a8_available()[1] in out

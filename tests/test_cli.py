@@ -34,15 +34,15 @@ def test_bad_input_exits_2_with_one_line():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
 
 
-@pytest.mark.parametrize("kind", ["int8", "w8a8"])
-def test_int8_generate(llama, kind):
+@pytest.mark.parametrize("kind, prompt", [("int8", "My favourite food is"),
+                                          ("w8a8", "The history of the printing press")])
+def test_int8_generate(llama, kind, prompt):
     """--quantize prints what the same quantization of the loaded model generates in-process,
     on a prompt whose quantized continuation differs from float32's (so an ignored flag fails)."""
     from llama_lite.quantize import quantize_model_w8a8, w8a8_available
 
     if kind == "w8a8" and not w8a8_available()[0]:
         pytest.skip(w8a8_available()[1])
-    prompt = "My favourite food is"
     r = run("generate", prompt, "--max-new-tokens", "8", "--quantize", kind)
     assert r.returncode == 0, r.stderr
     quantize = quantize_model_int8 if kind == "int8" else quantize_model_w8a8
