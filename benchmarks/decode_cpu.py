@@ -14,8 +14,8 @@ Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth ro
 and of a read-only sum), the quality cost of int8/W8A8/bf16 on llama_lite.evaluate.sample_text
 (KL divergence from fp32's next-token distributions, top-1 agreement, the perplexity ratio with
 its 95% range: llama_lite.evaluate.compare; and greedy tokens shared with fp32), W8A8's cost
-one projection at a time, without smoothing and keeping W_V in float16, and the time from GGUF
-file to ready model.
+one projection at a time, without smoothing, without W_2's rotation and with W_2 in float16 instead,
+and the time from GGUF file to ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
     python benchmarks/decode_cpu.py --quick      # 32 new tokens, 1 repeat

@@ -242,7 +242,7 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     size, 4 bytes per parameter)."""
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
-        dtype = torch.float32
+        dtype = torch.float32  # what W8A8 computes in, whatever the checkpoint stores
     make = {  # the layer a Linear `name` becomes, None to stay an nn.Linear
         "int8": lambda name, t: int8_layer(name, t, dtype, device),
     }.get(quantize, lambda name, t: None)

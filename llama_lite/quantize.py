@@ -298,6 +298,8 @@ class W8A8Linear(_PackedLinear):
 
     def __init__(self, weight: torch.Tensor, _probe: bool = True, _int8=None, rotate: bool = False):
         super().__init__(weight, _probe)
+        if rotate and _int8 is not None:
+            raise ValueError("rotate=True rotates a float weight before rounding it; _int8 is already rounded")
         self._shared = None  # the _SharedInput whose one call computes this layer's rows, if any
         # x W^T == (x H)(W H)^T: W H is what is quantized, x H is computed per call. H (b, b) is
         # in the state_dict, so that a rotated layer's weights do not load into a plain one.
@@ -314,7 +316,9 @@ class W8A8Linear(_PackedLinear):
         if self.weight.device.type != "cpu" or self.scale.dtype != torch.float32 or (
                 self.hadamard is not None and self.hadamard.dtype != torch.float32):
             self._refuse()
-        self.nbytes = self.weight.numel() + 12 * self.out_features  # see below
+        # the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset
+        # (about); a member of a _SharedInput counts its rows of the shared copy
+        self.nbytes = self.weight.numel() + 12 * self.out_features
         if self._shared is not None:
             self._shared.pack()  # its rows live in the shared call's packed copy
             return
@@ -326,14 +330,13 @@ class W8A8Linear(_PackedLinear):
                 self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
             self._packed = torch.ops.quantized.linear_prepack(qw, None)
         self._row_sums = self.weight.sum(dim=1, dtype=torch.int32)  # (out,)
-        # nbytes, the packed copy: 1 byte per weight, and per row a scale, a zero point, a column offset (about)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._shared is not None:
             return self._shared.output(self, x)
         self._check_input(x)
         if self.hadamard is not None:
-            x = _rotate(x, self.hadamard.to(x.dtype))
+            x = _rotate(x.float(), self.hadamard)  # in float32, as the rest (a no-op cast for float32)
         if x.numel() == self.in_features and x.dim() >= 2 and x.dtype == torch.float32 and not x.requires_grad:
             # One row: a batch-1 decode step, the hot path, straight to FBGEMM (which flattens
             # and restores the leading dims, given at least two).
@@ -396,11 +399,14 @@ def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 class _SharedInput:
     """Several W8A8Linear that read the same input (one attention's W_Q, W_K, W_V; one
     feed-forward's W_1, W_3) computed by one call: their int8 rows and scales stacked into one
-    W8A8Linear. Each input row is quantized the same whatever the weight, so a member's slice of
-    the stacked output is bitwise what it computes alone. The members are called one after
-    another on the same tensor: the first call computes every member's rows, each later member
-    takes its slice, and once all have, nothing is held. A member called again, or on another
-    tensor (or on one changed in place since), computes afresh."""
+    W8A8Linear (each member's buffers are views of its rows, so the int8 weights are held once).
+    Each input row is quantized the same whatever the weight, so a member's slice of the stacked
+    output is bitwise what it computes alone. The members are called one after another on the
+    same tensor: the first call computes every member's rows, each later member takes its slice,
+    and once all have, nothing is held. A member called again, or on another tensor, computes
+    afresh; so does one whose input was changed in place since, except for an inference tensor
+    (torch.inference_mode, as generate runs), which keeps no version counter to tell: llama_lite's
+    Attention and FeedForward never change their input in place."""
 
     def __init__(self, members: list[W8A8Linear]):
         self.members = members
@@ -415,19 +421,21 @@ class _SharedInput:
         self.whole = W8A8Linear(q, _probe=False, _int8=(q, scale))
         ends = torch.tensor([m.out_features for m in self.members]).cumsum(0).tolist()
         self.slices = [slice(end - m.out_features, end) for end, m in zip(ends, self.members)]
-        self._input, self._version, self._output, self._waiting = None, None, None, set()
+        for m, rows in zip(self.members, self.slices):
+            m._buffers["weight"], m._buffers["scale"] = q[rows], scale[rows]  # views: one copy of the weights
+        self._memo = None  # (input, its version, output, members still to take their rows)
 
     def output(self, member: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
         i = next(k for k, m in enumerate(self.members) if m is member)
         version = None if x.is_inference() else x._version  # inference tensors keep no version
-        if x is not self._input or version != self._version or i not in self._waiting:
-            self._output = self.whole(x)  # (..., sum of outs): every member's rows at once
-            self._input, self._version, self._waiting = x, version, set(range(len(self.members)))
-        self._waiting.discard(i)
-        out = self._output[..., self.slices[i]]
-        if not self._waiting:
-            self._input, self._output = None, None  # every member has its rows
-        return out
+        memo = self._memo  # read once: another thread's call replaces it, never changes it under this one
+        if memo is None or memo[0] is not x or memo[1] != version or i not in memo[3]:
+            memo = (x, version, self.whole(x), set(range(len(self.members))))  # every member's rows at once
+            self._memo = memo
+        memo[3].discard(i)
+        if not memo[3] and self._memo is memo:
+            self._memo = None  # every member has its rows: hold no tensor
+        return memo[2][..., self.slices[i]]
 
 
 class F16Linear(_PackedLinear):
@@ -496,6 +504,7 @@ def w8a8_only(model: nn.Module, names: tuple[str, ...], smooth: bool = True,
     quantize_model_w8a8 does), in place, the rest stay as they are: what one projection's int8
     costs alone."""
     _check_names(names)
+    _check_names(rotate)
     require_w8a8()
     if smooth:
         smooth_for_int8(model, lambda name: named(name, names))
@@ -515,6 +524,8 @@ SHARED_INPUTS = (("wq", "wk", "wv"), ("w1", "w3"))  # an Attention's and a FeedF
 
 
 def _share_inputs(model: nn.Module) -> nn.Module:
+    """Give each Attention's and FeedForward's W8A8Linear that read one input (SHARED_INPUTS,
+    unrotated) one _SharedInput, in place."""
     from .attention import Attention  # (they import this module)
     from .feedforward import FeedForward
 
@@ -560,11 +571,11 @@ def activation_ranges(model: nn.Module, calibration: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def smooth_for_int8(model: nn.Module, int8, calibration: torch.Tensor | None = None,
+def smooth_for_int8(model: nn.Module, is_int8, calibration: torch.Tensor | None = None,
                     alpha: float = SMOOTH_ALPHA) -> nn.Module:
     """SmoothQuant, folded into the weights of a float Transformer, in place (the comment above
     W8A8Linear says why): for each group of projections after an RMSNorm that will have int8
-    activations (int8(name) says which: W_Q, W_K, W_V; W_1, W_3), each input channel j is
+    activations (is_int8(name) says which: W_Q, W_K, W_V; W_1, W_3), each input channel j is
     divided by s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) in the RMSNorm's weight and the
     projections' columns multiplied by it. In float the model computes the same function (to
     rounding). New tensors, never the old ones changed: a weight shared with another model
@@ -574,6 +585,9 @@ def smooth_for_int8(model: nn.Module, int8, calibration: torch.Tensor | None = N
 
     if not isinstance(model, Transformer):
         return model
+    if is_quantized(model):
+        raise ValueError("smoothing folds scales into float weights, and this model already has quantized layers; "
+                         "quantize the float model (load it again without quantize)")
     p = model.params
     if calibration is None:
         calibration = calibration_tokens(p.vocab_size, p.max_seq_len)
@@ -587,9 +601,9 @@ def smooth_for_int8(model: nn.Module, int8, calibration: torch.Tensor | None = N
     for i, block in enumerate(model.layers):
         att, ffn = block.attention, block.feed_forward
         prefix = f"layers.{i}."
-        if any(int8(prefix + "attention." + n) for n in ("wq", "wk", "wv")):
+        if any(is_int8(prefix + "attention." + n) for n in ("wq", "wk", "wv")):
             _smooth(ranges[prefix + "attention.wq"], block.attention_norm, (att.wq, att.wk, att.wv), alpha)
-        if any(int8(prefix + "feed_forward." + n) for n in ("w1", "w3")):
+        if any(is_int8(prefix + "feed_forward." + n) for n in ("w1", "w3")):
             _smooth(ranges[prefix + "feed_forward.w1"], block.ffn_norm, (ffn.w1, ffn.w3), alpha)
     return model
 
