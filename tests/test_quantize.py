@@ -481,3 +481,8 @@ def test_int8_models_are_refused_where_a_float_model_is_needed(kind):
         hf_state_dict(model)
     with pytest.raises(ValueError, match="needs a float model"):
         compiled_copy(model)
+    if kind == "w8a8":
+        from llama_lite.fast import compile_model
+
+        with pytest.raises(ValueError, match="runs eager, not compiled"):
+            compile_model(model)
