@@ -238,8 +238,9 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     turns each Linear but the output into an Int8Linear as its weight arrives, so the full
     precision model never exists on the device (a 7B then fits a 16 GB GPU). quantize="w8a8"
     (CPU) loads the float32 model, then quantize_model_w8a8 turns it into int8 that decodes
-    faster (its smoothing needs a float forward first: while loading, memory peaks at float32's
-    size, 4 bytes per parameter)."""
+    faster (its smoothing needs a float forward first: while loading, memory peaks at about
+    float32's size, 4 bytes per parameter, as each Linear's float weight is freed once it is
+    replaced)."""
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
         dtype = torch.float32  # what W8A8 computes in, whatever the checkpoint stores

@@ -40,16 +40,23 @@ _COMPLEX_WARNING = "Torchinductor does not support code generation for complex o
 def compile_model(model: Transformer, **options) -> Transformer:
     """Compile every TransformerBlock of `model` in place (torch.compile options, e.g. mode=,
     may be passed); returns the model. Compilation happens on the first forward, not here.
-    A W8A8 model is refused: compiled, its blocks decoded slower than eager on the benchmark
-    machine (34 against 19 ms per step), and the shared call of its projections that read one
-    input keeps Python state that the compiler would trace again and again."""
+    A W8A8 model is refused (refuse_compile says why)."""
     if any(isinstance(m, W8A8Linear) for m in model.modules()):
-        raise ValueError("a W8A8 model (quantize='w8a8') runs eager, not compiled: drop --compile (compile=True) "
-                         "for it; compiling does not make its decoding faster")
+        refuse_compile("w8a8")
     warnings.filterwarnings("ignore", message=_COMPLEX_WARNING)
     for layer in model.layers:
         layer.compile(dynamic=True, **options)
     return model
+
+
+def refuse_compile(quantize: str | None) -> None:
+    """Compiling a W8A8 model is refused: its blocks decoded slower compiled than eager (34 against
+    19 ms per step, measured once on the benchmark machine, 2026-12-02), and the shared call of
+    its projections that read one input keeps Python state that the compiler traces again and
+    again. Asked before loading, so that the refusal comes first."""
+    if quantize == "w8a8":
+        raise ValueError("a W8A8 model (quantize='w8a8') runs eager, not compiled: drop --compile (compile=True) "
+                         "for it; compiling does not make its decoding faster")
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -170,6 +170,10 @@ class Llama:
         if plan is not None:
             device, dtype, quantize = plan.device, plan.dtype, plan.quantize
             max_seq_len = plan.max_seq_len  # plan.batch_size sized its KV cache estimate; generate sizes the real one
+        if compile:
+            from .fast import refuse_compile
+
+            refuse_compile(quantize)
         if seed is not None:
             check_seed(seed)
             torch.manual_seed(seed)

@@ -148,13 +148,15 @@ def _check_names(names) -> None:
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:
-    """Each nn.Linear becomes make(its full name, its weight), in place; None keeps it."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                new = make(f"{name}.{child_name}" if name else child_name, child.weight.data)
-                if new is not None:
-                    setattr(module, child_name, new)
+    """Each nn.Linear becomes make(its full name, its weight), in place; None keeps it. Only names
+    are held while walking the model, so each replaced Linear's float weight can be freed as soon
+    as it is replaced (a 7B's float32 copy is not held twice over)."""
+    for name in [n for n, _ in model.named_modules()]:
+        module = model.get_submodule(name)
+        for child_name in [n for n, c in module.named_children() if isinstance(c, nn.Linear)]:
+            new = make(f"{name}.{child_name}" if name else child_name, getattr(module, child_name).weight.data)
+            if new is not None:
+                setattr(module, child_name, new)
     return model
 
 
@@ -197,7 +199,7 @@ W8A8_FLOAT = ()  # module names quantize_model_w8a8 keeps in floating point (F16
 W8A8_ROTATE = ("feed_forward.w2",)  # module names whose input W8A8Linear rotates (Hadamard) before quantizing
 HADAMARD_BLOCK = 128  # channels per Hadamard block (or the largest power of two dividing in_features, if smaller)
 SMOOTH_ALPHA = 0.5  # how much of each activation outlier smoothing moves into the weights (SmoothQuant's a)
-CALIBRATION_TOKENS = 256  # random tokens whose activations set the smoothing (two sequences of 128)
+CALIBRATION_TOKENS = 256  # random tokens whose activations set the smoothing (as sequences of up to 128)
 _W8A8: dict = {}  # "ok" -> bool, "why" -> str: probed once per process
 
 
@@ -335,14 +337,29 @@ class W8A8Linear(_PackedLinear):
         if self._shared is not None:
             return self._shared.output(self, x)
         self._check_input(x)
-        if self.hadamard is not None:
-            x = _rotate(x.float(), self.hadamard)  # in float32, as the rest (a no-op cast for float32)
+        if self.hadamard is not None:  # rotated in float32, as the rest computes; back to x's dtype
+            return self._plain(_rotate(x.float(), self.hadamard)).to(x.dtype)
+        return self._plain(x)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and x.dim() >= 2 and x.dtype == torch.float32 and not x.requires_grad:
             # One row: a batch-1 decode step, the hot path, straight to FBGEMM (which flattens
             # and restores the leading dims, given at least two).
             return self._one_row(x)
         with torch.no_grad():  # inference only: rounding has no useful gradient, so none flows back
             return self._forward(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if (prefix + "hadamard" in state_dict) != (self.hadamard is not None):
+            # checked before anything is copied: a rotated layer's int8 rows are W H, wrong for a
+            # plain layer (and the other way round), whether or not the load is strict
+            kinds = ("a plain", "a rotated") if self.hadamard is not None else ("a rotated", "a plain")
+            error_msgs.append(f"{prefix or 'W8A8Linear'}: {kinds[0]} W8A8Linear's weights do not load into "
+                              f"{kinds[1]} one (rotate= must match)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range=False: all 8 bits for the activation, not the 7 that keep a CPU without
@@ -540,11 +557,12 @@ def _share_inputs(model: nn.Module) -> nn.Module:
 
 
 def calibration_tokens(vocab_size: int, max_seq_len: int, n: int = CALIBRATION_TOKENS, seed: int = 0) -> torch.Tensor:
-    """n random token ids, (n // seq, seq) with seq = min(128, max_seq_len): the same for a given
-    seed on every machine."""
+    """Random token ids, (rows, seq) with seq = min(128, max_seq_len) and rows = max(1, n // seq):
+    for a given seed the same ids on every machine, cut into the sequences max_seq_len allows."""
     seq = min(128, max_seq_len)
+    rows = max(1, n // seq)
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (max(1, n // seq), seq), generator=g)
+    return torch.randint(0, vocab_size, (max(n, rows * seq),), generator=g)[: rows * seq].view(rows, seq)
 
 
 @torch.no_grad()

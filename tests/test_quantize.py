@@ -254,6 +254,13 @@ def test_w8a8_while_loading_is_w8a8_of_the_loaded_float_model(tie):
     att, ffn = loaded.layers[0].attention, loaded.layers[0].feed_forward
     assert att.wq._shared is att.wk._shared is att.wv._shared is not None  # one call for the three
     assert ffn.w1._shared is ffn.w3._shared is not None and att.wo._shared is None
+    torch.manual_seed(1)
+    other = quantize_model_w8a8(Transformer(args).eval())
+    assert not torch.equal(other(tokens), after(tokens))
+    other.load_state_dict(after.state_dict())  # into shared members: the shared calls follow
+    assert torch.equal(other(tokens), after(tokens)) and torch.equal(other(tokens[:1, :1]), after(tokens[:1, :1]))
+    group = other.layers[0].attention.wq._shared
+    assert other.layers[0].attention.wk.weight.data_ptr() == group.whole.weight[group.slices[1]].data_ptr()
     assert loaded.tok_embeddings.weight.dtype == torch.float32 and loaded.norm.weight.dtype == torch.float32
     assert not any(type(m) is torch.nn.Linear for m in loaded.modules())
 
@@ -278,8 +285,13 @@ def test_projections_that_read_one_input_share_one_call():
             assert torch.equal(b(x), a(x))
         assert group._memo is None  # every member took its rows: nothing held
     x, y = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+    calls = []
+    whole_forward = group.whole.forward
+    group.whole.forward = lambda t: calls.append(t) or whole_forward(t)  # counts the shared calls
+    assert all(torch.equal(b(x), a(x)) for a, b in zip(alone, shared)) and len(calls) == 1  # one call for three
     assert torch.equal(shared[0](x), alone[0](x))
-    assert torch.equal(shared[0](x * 1), alone[0](x))  # the same member again (another tensor, equal values)
+    assert torch.equal(shared[0](x), alone[0](x)) and len(calls) == 3  # the same member again: afresh
+    assert torch.equal(shared[0](x * 1), alone[0](x))  # another tensor, equal values
     assert torch.equal(shared[1](y), alone[1](y))  # another tensor
     assert torch.equal(shared[2](x), alone[2](x))  # x is no longer the one computed: afresh
     first = shared[0](x)  # members 1 and 2 wait for their rows of x
@@ -320,11 +332,17 @@ def test_rotated_w8a8_linear_computes_x_w_and_keeps_its_rotation():
     spread = _rotate(x, rotated.hadamard)  # what is quantized: the large value shared by its block of 32
     assert (spread.abs().amax(dim=1) < 0.25 * x.abs().amax(dim=1)).all()  # 40 -> about 40 / sqrt(32)
     torch.testing.assert_close(spread.norm(dim=1), x.norm(dim=1))  # a rotation: lengths kept
-    with pytest.raises(RuntimeError, match="hadamard"):
-        plain.load_state_dict(rotated.state_dict())  # a rotated layer's weights refuse a plain layer
+    before = plain(x)
+    for strict in (True, False):  # refused before anything is copied, strict or not
+        with pytest.raises(RuntimeError, match="a rotated W8A8Linear's weights do not load into a plain one"):
+            plain.load_state_dict(rotated.state_dict(), strict=strict)
+        with pytest.raises(RuntimeError, match="a plain W8A8Linear's weights do not load into a rotated one"):
+            rotated.load_state_dict(plain.state_dict(), strict=strict)
+    assert torch.equal(plain(x), before)
     with pytest.raises(ValueError, match="stays on the CPU"):
         rotated.to(torch.bfloat16)
-    torch.testing.assert_close(rotated(x.bfloat16()).float(), rotated(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+    half = rotated(x.bfloat16())  # rotated in float32, returned in the input's dtype
+    assert half.dtype == torch.bfloat16 and torch.equal(half, rotated(x.bfloat16().float()).bfloat16())
     with pytest.raises(ValueError, match="_int8 is already rounded"):
         W8A8Linear(w, rotate=True, _int8=(plain.weight, plain.scale))
     assert "input rotated (Hadamard, blocks of 32)" in repr(rotated)
@@ -343,6 +361,7 @@ def test_smoothing_keeps_the_float_function_and_leaves_shared_weights_alone():
     before = model(tokens)
     cal = calibration_tokens(97, 32)
     assert cal.shape == (8, 32) and torch.equal(cal, calibration_tokens(97, 32))  # seeded: the same every time
+    assert torch.equal(calibration_tokens(97, 1000).flatten(), cal.flatten())  # the same ids, cut differently
     old = model.layers[0].attention_norm.weight
     old_values = old.clone()
     ranges = activation_ranges(model, cal)
@@ -482,7 +501,10 @@ def test_int8_models_are_refused_where_a_float_model_is_needed(kind):
     with pytest.raises(ValueError, match="needs a float model"):
         compiled_copy(model)
     if kind == "w8a8":
+        from llama_lite import Llama
         from llama_lite.fast import compile_model
 
         with pytest.raises(ValueError, match="runs eager, not compiled"):
             compile_model(model)
+        with pytest.raises(ValueError, match="runs eager, not compiled"):  # asked before loading anything
+            Llama.build("/nonexistent/checkpoint", quantize="w8a8", compile=True)
