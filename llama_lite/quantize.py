@@ -427,8 +427,8 @@ class _SharedInput:
 
     def __init__(self, members: list[W8A8Linear]):
         self.members = members
-        for m in members:
-            m._shared, m._packed, m._row_sums = self, None, None
+        for i, m in enumerate(members):
+            m._shared, m._shared_index, m._packed, m._row_sums = self, i, None, None
         self.pack()
 
     def pack(self) -> None:
@@ -443,7 +443,7 @@ class _SharedInput:
         self._memo = None  # (input, its version, output, members still to take their rows)
 
     def output(self, member: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
-        i = next(k for k, m in enumerate(self.members) if m is member)
+        i = member._shared_index
         version = None if x.is_inference() else x._version  # inference tensors keep no version
         memo = self._memo  # read once: another thread's call replaces it, never changes it under this one
         if memo is None or memo[0] is not x or memo[1] != version or i not in memo[3]:
