@@ -14,8 +14,9 @@ Prints tok/s, the ratio to transformers, the fraction of two memory-bandwidth ro
 and of a read-only sum), the quality cost of int8/W8A8/bf16 on llama_lite.evaluate.sample_text
 (KL divergence from fp32's next-token distributions, top-1 agreement, the perplexity ratio with
 its 95% range: llama_lite.evaluate.compare; and greedy tokens shared with fp32), W8A8's cost
-one projection at a time, without smoothing, without W_2's rotation and with W_2 in float16 instead,
-and the time from GGUF file to ready model.
+one projection at a time, without smoothing, with only W_2's input rotated (also timed), without
+W_2's rotation, with nothing rotated and with W_2 in float16 instead (also timed), and the time
+from GGUF file to ready model.
 
     python benchmarks/decode_cpu.py              # 256 new tokens, 3 repeats
     python benchmarks/decode_cpu.py --quick      # 32 new tokens, 1 repeat
@@ -139,7 +140,7 @@ def main(argv=None):
     from llama_lite.evaluate import compare, log_probs, perplexity, sample_text
     from llama_lite.fast import compiled_copy
     from llama_lite.gguf import smollm2_gguf_path
-    from llama_lite.quantize import PROJECTIONS, quantize_model_w8a8, w8a8_available, w8a8_only
+    from llama_lite.quantize import PROJECTIONS, W8A8_ROTATE, quantize_model_w8a8, w8a8_available, w8a8_only
     from llama_lite.timing import cpu_description, has_native_bf16
 
     print(cpu_description())
@@ -170,11 +171,14 @@ def main(argv=None):
         methods["llama_lite compiled"] = lambda: eager_run(compiled)
     int8 = Llama.build(quantize="int8")
     methods["llama_lite int8 cached"] = lambda: eager_run(int8)
-    w8a8 = w8a8_f16 = None
+    w8a8 = w8a8_f16 = w8a8_w2 = None
     ok, why = w8a8_available()
     if ok:
         w8a8 = Llama.build(quantize="w8a8")
         methods["llama_lite w8a8 cached"] = lambda: eager_run(w8a8)
+        # what rotating the shared inputs (W_Q, W_K, W_V; W_1, W_3) costs in speed: only W_2's rotated
+        w8a8_w2 = Llama(quantize_model_w8a8(Llama.build().model, rotate=("feed_forward.w2",)), fp32.tokenizer)
+        methods["llama_lite w8a8, W_2 rot only"] = lambda: eager_run(w8a8_w2)
         # the alternative to rotating W_2: keeping it out of int8, its weights float16
         w8a8_f16 = Llama(quantize_model_w8a8(Llama.build().model, keep_float=("feed_forward.w2",)), fp32.tokenizer)
         methods["llama_lite w8a8, W_2 float16"] = lambda: eager_run(w8a8_f16)
@@ -238,6 +242,7 @@ def main(argv=None):
     tps = {k: n_new / statistics.median(v) for k, v in times.items()}
     models = {"llama_lite cached": fp32, "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
               "llama_lite w8a8 cached": w8a8, "llama_lite w8a8, W_2 float16": w8a8_f16,
+              "llama_lite w8a8, W_2 rot only": w8a8_w2,
               "llama_lite bf16 cached": bf16, "transformers generate": fp32}  # whose weights each row reads
     weights = decode_bytes(fp32.model)
     roofline, read_roofline = bw / weights, read_bw / weights
@@ -246,19 +251,19 @@ def main(argv=None):
           f"{args.threads} threads, median of {repeats} interleaved repeat(s)")
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write), read bandwidth {read_bw / 1e9:.1f} GB/s; fp32 weights "
           f"{weights / 1e6:.0f} MB read per token -> roofline {roofline:.1f} tok/s (copy), {read_roofline:.1f} (read)")
-    print(f"{'method':28s} {'tok/s':>8s} {'x transformers':>15s} {'of copy roofline':>17s} {'of read roofline':>17s}")
+    print(f"{'method':30s} {'tok/s':>8s} {'x transformers':>15s} {'of copy roofline':>17s} {'of read roofline':>17s}")
     for name, v in tps.items():
         if name.startswith("llama.cpp"):
             b = smollm2_gguf_path().stat().st_size  # its quantized weights, as stored in the file
         else:
             b = decode_bytes(models[name].model)
-        print(f"{name:28s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
+        print(f"{name:30s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
               f"{v / (read_bw / b):17.0%}")
     n_linear, linear_s = linears_alone(fp32.model)
-    print(f"{'(float32 linears alone)':28s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
+    print(f"{'(float32 linears alone)':30s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
           f"   (the {n_linear} nn.Linear of one decode step, nothing else: {linear_s * 1e3:.1f} ms per token)")
     un_tps = n_uncached / uncached_s
-    print(f"{'llama_lite uncached':28s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
+    print(f"{'llama_lite uncached':30s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")
     base = outputs["llama_lite cached"]
     same = [f"cached vs uncached ({n_uncached}): {base[:n_uncached] == uncached}"]
@@ -289,14 +294,18 @@ def main(argv=None):
         if k < len(base):
             print(f"    ({top_two_at(fp32, prompt, base, k)})")
     if w8a8:
-        print("  W8A8, one projection at a time in int8, smoothed and W_2 rotated as in the w8a8 row (the others "
+        print("  W8A8, one projection at a time in int8, smoothed and rotated as in the w8a8 row (the others "
               "float32):")
         for proj in PROJECTIONS:
             print(f"    {proj:16s} {quality(w8a8_only(copy.deepcopy(fp32.model), (proj,)))}")
         print(f"    {'W_2 not rotated':16s} {quality(w8a8_only(copy.deepcopy(fp32.model), ('feed_forward.w2',), rotate=()))}")
         unsmoothed = quantize_model_w8a8(copy.deepcopy(fp32.model), smooth=False)
         print(f"  W8A8 without smoothing: {quality(unsmoothed)}")
-        print(f"  W8A8 with W_2 not rotated: {quality(quantize_model_w8a8(copy.deepcopy(fp32.model), rotate=()))}")
+        others_rotated = tuple(n for n in W8A8_ROTATE if n != "feed_forward.w2")
+        print(f"  W8A8 with only W_2 rotated (the w8a8, W_2 rot only row): {quality(w8a8_w2.model)}")
+        not_w2 = quantize_model_w8a8(copy.deepcopy(fp32.model), rotate=others_rotated)
+        print(f"  W8A8 with W_2 not rotated (the others rotated): {quality(not_w2)}")
+        print(f"  W8A8 with nothing rotated: {quality(quantize_model_w8a8(copy.deepcopy(fp32.model), rotate=()))}")
         print(f"  W8A8 with W_2 in float16 instead (the w8a8, W_2 float16 row): {quality(w8a8_f16.model)}")
     for name in outputs:
         if name.startswith("llama.cpp"):

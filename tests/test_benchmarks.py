@@ -54,6 +54,7 @@ def test_decode_cpu_script_quick(smollm2_path):
 
     if w8a8_available()[0]:
         assert "llama_lite w8a8 cached" in out and "llama_lite w8a8, W_2 float16" in out
+        assert "llama_lite w8a8, W_2 rot only" in out and "W8A8 with only W_2 rotated" in out
         assert "token by token, as decoded: KL" in out
         assert "feed_forward.w2  KL" in out and "W_2 not rotated  KL" in out
         assert "W8A8 without smoothing: KL" in out and "W8A8 with W_2 in float16 instead" in out
