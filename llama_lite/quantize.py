@@ -182,21 +182,23 @@ def _replace_linears(model: nn.Module, make) -> nn.Module:
 #   channels) each rotated channel is a sum of 128 channels with random-looking signs, so one
 #   large value is spread over 128 and the 8-bit step shrinks. W H is rotated once; x H costs
 #   one small matmul per call. Measured on SmolLM2, W_2 alone in int8 (the others float), as
-#   the KL divergence from float32's next-token distributions: 0.043 plain, 0.011 rotated
+#   the KL divergence from float32's next-token distributions: 0.042 plain, 0.011 rotated
 #   (decode_cpu.py prints each projection's; tests/test_quantize.py asserts the margin).
 #   The smoothed inputs of W_Q, W_K, W_V and of W_1, W_3 are rotated too (blocks of 64, the
 #   largest power of two dividing SmolLM2's 576): smoothing shrinks their outlier channels, the
 #   rotation spreads what is left, and the one shared call (below) rotates once for its members.
 #   Measured on SmolLM2, the whole W8A8 model: KL 0.037 with only W_2 rotated, 0.025 with these
-#   too, for one more small matmul per call (about 5-8% of a decode step); W_O's input rotated
-#   as well did not lower it (0.025 against 0.023 on the same text with a BOS token), so W_O and
-#   the output projection are left alone.
+#   too, for one more small matmul per call (11% of W8A8's decode speed in the benchmark's run,
+#   8% in an A/B of decode steps). With W_O's input rotated as well the KL was 0.025 against
+#   0.023 without (on the same text with a BOS token; a float simulation of the rounding gave
+#   0.022 against 0.023): no gain to pay a third rotation for, so W_O and the output projection
+#   are left alone.
 # * Per-token activation scales (W8A8Linear): a token with large activations coarsens only
 #   its own row.
 #
 # And one call where the model makes several: each FBGEMM call has a fixed cost (about 15 us
-# here, as much as a 576x576 layer's arithmetic), so the projections that read the same input
-# (W_Q, W_K, W_V; W_1, W_3) share one call (_SharedInput), 4 calls per layer instead of 7.
+# on an Intel Xeon, as much as a 576x576 layer's arithmetic), so the projections that read the
+# same input (W_Q, W_K, W_V; W_1, W_3) share one call (_SharedInput), 4 calls per layer, not 7.
 # F16Linear (float16 weights, float32 activations) is there for layers a user keeps out of
 # int8 (keep_float).
 
@@ -435,6 +437,8 @@ class _SharedInput:
     holds W H) share one call too: it rotates the input once for all of them."""
 
     def __init__(self, members: list[W8A8Linear]):
+        if len({_rotation(m) for m in members}) > 1:  # checked before any member is changed
+            raise ValueError("layers that share one call see one input: all rotate it alike, or none does")
         self.members = members
         for i, m in enumerate(members):
             m._shared, m._shared_index, m._packed, m._row_sums = self, i, None, None
@@ -543,7 +547,8 @@ def w8a8_only(model: nn.Module, names: tuple[str, ...], smooth: bool = True,
 def w8a8_layer(name: str, weight: torch.Tensor, keep_float: tuple[str, ...] = W8A8_FLOAT,
                rotate: tuple[str, ...] = W8A8_ROTATE) -> nn.Module:
     """What the Linear `name` becomes under W8A8: F16Linear if keep_float names it, else a
-    W8A8Linear, its input rotated if `rotate` names it (by default all but W_O: W8A8_ROTATE)."""
+    W8A8Linear, its input rotated if `rotate` names it (by default all but W_O and the output:
+    W8A8_ROTATE)."""
     if named(name, keep_float):
         return F16Linear(weight)
     return W8A8Linear(weight, rotate=named(name, rotate))
