@@ -1,8 +1,9 @@
 """CPU decode benchmark: SmolLM2-135M, batch 1, greedy, from a fixed prompt.
 
 Runs, interleaved in one process and reporting the median of the repeats:
-  llama_lite with KV cache (Llama.generate: the CLI's and the notebooks' path), the same
-  model with its blocks compiled (llama_lite.fast; the first call compiles, or loads inductor's
+  llama_lite with KV cache (Llama.generate: the CLI's and the notebooks' path; its float32
+  weights held transposed, llama_lite.matvec), the same weights in nn.Linear's own (out, in)
+  layout (PyTorch's matrix-vector kernel), the same model with its blocks compiled (llama_lite.fast; the first call compiles, or loads inductor's
   on-disk cache), transformers' generate on the same GGUF weights, llama_lite int8
   (weight-only), llama_lite W8A8 (int8 weights and activations, where the CPU's int8 kernel is
   exact), bfloat16 (by default only where the CPU has bf16 instructions; --bf16 forces it),
@@ -78,11 +79,24 @@ def decode_bytes(model) -> int:
     return total
 
 
+def plain_layout(model):
+    """A second Transformer with the same weights (copies) in nn.Linear's own layout, W (out, in)
+    row-major, and plain nn.Linear modules: what llama_lite.matvec's transposed weights are
+    measured against."""
+    from llama_lite.checkpoint import empty_model
+
+    twin = empty_model(model.params)
+    twin.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, assign=True)
+    if model.params.tie_embeddings:
+        twin.output.weight = twin.tok_embeddings.weight
+    twin.freqs_cis = model.freqs_cis
+    return twin.eval().requires_grad_(False)
+
+
 def linears_alone(model, repeats: int = 5) -> tuple[int, float]:
     """(number of linear layers, seconds) for one pass of a single token's activation through
-    every nn.Linear of the model in order, nothing else: the float32 matmuls as the model calls
-    them (one F.linear each, batch 1), so the fastest a float32 decode step could be with every
-    other op free and PyTorch's matrix-vector kernel as it is."""
+    every nn.Linear of the model in order, nothing else: the float32 products as the model calls
+    them (batch 1), so the fastest a float32 decode step could be with every other op free."""
     from torch import nn
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -161,7 +175,8 @@ def main(argv=None):
         finally:
             llama.tokenizer.stop_ids = saved
 
-    methods = {"llama_lite cached": lambda: eager_run(fp32)}
+    plain = Llama(plain_layout(fp32.model), tok)
+    methods = {"llama_lite cached": lambda: eager_run(fp32), "llama_lite, W (out, in)": lambda: eager_run(plain)}
     compile_s = None
     if not args.no_compile:
         compiled = Llama(compiled_copy(fp32.model), fp32.tokenizer)
@@ -240,7 +255,7 @@ def main(argv=None):
     uncached_s = time.perf_counter() - t
 
     tps = {k: n_new / statistics.median(v) for k, v in times.items()}
-    models = {"llama_lite cached": fp32, "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
+    models = {"llama_lite cached": fp32, "llama_lite, W (out, in)": plain, "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
               "llama_lite w8a8 cached": w8a8, "llama_lite w8a8, W_2 float16": w8a8_f16,
               "llama_lite w8a8, W_2 rot only": w8a8_w2,
               "llama_lite bf16 cached": bf16, "transformers generate": fp32}  # whose weights each row reads
@@ -259,14 +274,17 @@ def main(argv=None):
             b = decode_bytes(models[name].model)
         print(f"{name:30s} {v:8.2f} {v / ref if ref else float('nan'):15.2f} {v / (bw / b):17.0%} "
               f"{v / (read_bw / b):17.0%}")
-    n_linear, linear_s = linears_alone(fp32.model)
-    print(f"{'(float32 linears alone)':30s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
-          f"   (the {n_linear} nn.Linear of one decode step, nothing else: {linear_s * 1e3:.1f} ms per token)")
+    for name, model in (("(float32 linears alone)", fp32.model), ("(the same, W (out, in))", plain.model)):
+        n_linear, linear_s = linears_alone(model)
+        print(f"{name:30s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
+              f"   (the {n_linear} nn.Linear of one decode step, nothing else: {linear_s * 1e3:.1f} ms per token, "
+              f"{weights / linear_s / 1e9:.1f} GB/s)")
     un_tps = n_uncached / uncached_s
     print(f"{'llama_lite uncached':30s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")
     base = outputs["llama_lite cached"]
     same = [f"cached vs uncached ({n_uncached}): {base[:n_uncached] == uncached}"]
+    same.append(f"W^T vs W (out, in): {outputs['llama_lite, W (out, in)'] == base}")
     if compile_s:
         same.append(f"compiled vs eager: {outputs['llama_lite compiled'] == base}")
     if ref:

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--max-seq-len", type=int, default=None)
         s.add_argument("--quantize", choices=["int8", "w8a8"], default=None,
                        help="int8: int8 weights (half of bf16's memory: a 7B on a 16 GB GPU); "
-                            "w8a8: int8 weights and activations on an x86 CPU with AVX512-VNNI (2.8x float32's decode "
+                            "w8a8: int8 weights and activations on an x86 CPU with AVX512-VNNI (1.9x float32's decode "
                             "speed on the machine in README's Benchmarks)")
         s.add_argument("--compile", action="store_true",
                        help="torch.compile the model's blocks: the first run waits for the compiler (tens of "

@@ -27,6 +27,7 @@ from .devices import CheckpointError, resolve_device, resolve_dtype
 from .files import read_settings, release_pages
 from .gguf import gguf_model_args, gguf_tensors, open_gguf, smollm2_gguf_path
 from .hf import hf_model_args, hf_tensors, hf_weight_files
+from .matvec import transpose_linears
 from .model import Transformer
 from .quantize import int8_layer, quantize_model_w8a8, require_w8a8
 
@@ -289,6 +290,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
         model.output.weight = model.tok_embeddings.weight
     if quantize == "w8a8":  # a tied output gets its int8 copy; the embedding table stays float for lookups
         quantize_model_w8a8(model)
+    elif quantize is None:
+        transpose_linears(model)  # float32 on a CPU: decode steps read W^T's rows (matvec.py says why)
     return model.eval()
 
 

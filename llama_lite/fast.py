@@ -15,7 +15,8 @@ calls into one graph by default.)
 
 What it buys: inductor fuses the dozens of small ops of a block (the norms, RoPE, residual adds,
 SwiGLU's product) into a few loops, the per-token cost that eager pays in Python and dispatch.
-The matmuls stay ATen's: at batch 1 each weight is read once per token, bound by memory
+The matmuls stay ATen's (a decode step's float32 products on a CPU the same embedding_bag as
+eager's, llama_lite.matvec): at batch 1 each weight is read once per token, bound by memory
 bandwidth either way. Inductor keeps what it compiles in its on-disk caches (FX graph and
 AOTAutograd caches, on by default), so a second process with the same torch skips the compile and
 only re-traces (`python -m llama_lite generate "..." --compile` measures both).
@@ -27,6 +28,7 @@ import warnings
 from torch import nn
 
 from .checkpoint import empty_model
+from .matvec import TransposedLinear, transpose_linears
 from .model import Transformer
 from .quantize import W8A8Linear, is_quantized
 
@@ -72,5 +74,7 @@ def compiled_copy(model: Transformer, **options) -> Transformer:
     twin.load_state_dict(model.state_dict(), assign=True)
     if model.params.tie_embeddings:
         twin.output.weight = twin.tok_embeddings.weight
+    if any(isinstance(m, TransposedLinear) for m in model.modules()):
+        transpose_linears(twin)  # its weights are W^T-stored already: the same tensors, the same decode path
     twin.freqs_cis = model.freqs_cis
     return compile_model(twin.eval().requires_grad_(False), **options)

@@ -32,7 +32,7 @@ from torch import nn
 
 def quantize_int8(w: torch.Tensor):
     """Symmetric per-row int8: w ≈ q * scale. w (out, in) -> q int8 (out, in), scale (out,)."""
-    w = w.float()
+    w = w.float().contiguous()  # (a TransposedLinear's weight is a transposed view)
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
@@ -487,7 +487,7 @@ class F16Linear(_PackedLinear):
         if big > torch.finfo(torch.float16).max:
             raise ValueError(f"a weight of magnitude {big:.3g} does not fit float16 (max 65504); "
                              "this model needs quantize=None")
-        self.register_buffer("weight", w.half())  # (out, in) float16
+        self.register_buffer("weight", w.half().contiguous())  # (out, in) float16
         self._pack()
 
     def _pack(self) -> None:

@@ -123,6 +123,9 @@ def test_smollm2_layer_matches_transformers_mlp_on_real_weights(llama):
     dim, hidden = ffn.w1.in_features, ffn.w1.out_features
     mlp = _copy_into(ffn, _llama_mlp(dim, hidden))
     torch.manual_seed(3)
-    x = torch.randn(1, 7, dim)
-    with torch.no_grad():
-        torch.testing.assert_close(ffn(x), mlp(x), rtol=1e-4, atol=1e-5)
+    for x in (torch.randn(1, 7, dim), torch.randn(1, 1, dim)):  # a prompt's rows (F.linear), a decode step (matvec)
+        with torch.no_grad():
+            expected = mlp(x)
+            # Layer 5's outputs reach ~540: two float32 kernels summing 1,536 products in different
+            # orders part by ~1e-6 of that (measured 1.9e-4), so the bound scales with the output.
+            torch.testing.assert_close(ffn(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())

@@ -1,0 +1,114 @@
+"""A decode step's matrix-vector products, read at the speed of memory on a CPU.
+
+A batch-1 decode step multiplies one row x (1, in) by every weight matrix: each weight is read
+once per token for one multiply-add, so the step is as fast as the weights stream from memory
+(the bandwidth roofline of benchmarks/decode_cpu.py). nn.Linear computes x W^T with W stored
+(out, in) row-major, and PyTorch's CPU kernel for one row (MKL's matrix-vector product) reads it
+on one core at a fraction of what the memory gives: on a 2-core AMD EPYC, SmolLM2's 211 float32
+projections read 8-10 GB/s that way, while a sum over the same 538 MB read 35 GB/s.
+
+The same product read the other way round: x W^T = sum_k x_k W^T[k, :], a weighted sum of the
+rows of W^T (in, out). That is what torch's embedding_bag computes (mode="sum", one weight per
+row looked up), and its CPU kernel (FBGEMM's, generated for the CPU's vector width) streams the
+rows and reads different bags on different cores. So a TransposedLinear keeps its weight's
+storage as W^T, row-major: `weight` is still the (out, in) Parameter every reader expects (a
+transposed view; state_dict, F.linear for prompts and batches, and copy_ all work on it), and a
+one-row float32 input on the CPU is computed as MATVEC_BAGS bags of W^T's rows, one partial
+sum each, then added. Measured on the same machine (benchmarks/decode_cpu.py, both layouts side
+by side): the 211 projections at 14.4 GB/s against 8.7, SmolLM2's decoding at 23.1 tok/s
+against 14.1 (1.63x transformers against 1.00x), the same 256 greedy tokens. The sums are
+float32 throughout, in another order than MKL's: the logits differ from nn.Linear's by rounding
+(up to ~5e-5 on SmolLM2's, whose logits reach ~30), as any two float32 kernels' do.
+
+Only where FBGEMM is compiled in (x86 builds of torch): elsewhere embedding_bag's fallback
+kernel has not been measured, and transpose_linears leaves the model as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+except ImportError:  # a private helper: should a torch move it, a FLOP counter sees embedding_bag, uncounted
+    def is_in_torch_dispatch_mode() -> bool:
+        return False
+
+# Rows of W^T are split into this many bags, each summed on its own (the bags are spread over
+# the threads) and the partial sums added. Fixed, not the thread count, so that the result is
+# the same on every machine; 4 to 16 read equally fast on 2 cores (measured).
+MATVEC_BAGS = 8
+
+_INDICES: dict = {}  # (in_features, device) -> (row ids, bag starts), int32
+
+
+def matvec_available() -> bool:
+    """Whether this torch's embedding_bag runs FBGEMM's kernel (x86 builds)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def matvec(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x (in,) or any shape holding in values, wt (in, out) contiguous -> x @ wt, (out,)."""
+    k = wt.shape[0]
+    key = (k, wt.device)
+    if key not in _INDICES:
+        bags = min(MATVEC_BAGS, k)
+        _INDICES[key] = (torch.arange(k, dtype=torch.int32, device=wt.device),
+                         (torch.arange(bags) * (k // bags)).to(torch.int32).to(wt.device))  # the last bag takes the rest
+    rows, starts = _INDICES[key]
+    partial = F.embedding_bag(rows, wt, starts, mode="sum", per_sample_weights=x.reshape(k))  # (bags, out)
+    return partial.sum(0)
+
+
+class TransposedLinear(nn.Linear):
+    """nn.Linear whose weight's storage is W^T (in, out), row-major; `weight` itself is the usual
+    (out, in) Parameter, a transposed view. One float32 row on the CPU goes through `matvec`
+    (compiled too: inductor calls the same kernel); anything else through F.linear, which takes
+    either layout: prompts, batches and beams (at 64 rows and more as fast as the (out, in)
+    layout; at 4 to 16 rows MKL was 16-23% slower on it, measured on the AMD EPYC), other dtypes
+    and devices, and anything run under a dispatch mode such as FlopCounterMode (which counts a
+    matmul's FLOPs and knows nothing of embedding_bag's: the arithmetic is the same, so the
+    count stays right)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.numel() == self.in_features and x.shape[-1] == self.in_features and x.dtype == torch.float32
+                and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+                # (dynamo traces with fake tensors, under a dispatch mode of its own: compiled, matvec stays)
+                and w.stride() == (1, self.out_features)
+                and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())):
+            out = matvec(x, w.t())
+            if self.bias is not None:
+                out = out + self.bias
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values, (out, in) as before, with the storage laid out as t^T row-major."""
+    return t.t().contiguous().t()
+
+
+@torch.no_grad()
+def transpose_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear of the model with float32 weights on the CPU becomes a TransposedLinear
+    holding the same Parameter (a tied embedding too: its table is then held transposed, and a
+    lookup reads one strided column per token), its storage re-laid as W^T, in place. Returns the
+    model; where FBGEMM is missing (see matvec_available), leaves it alone."""
+    if not matvec_available():
+        return model
+    done = set()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            w = getattr(child, "weight", None)
+            if type(child) is not nn.Linear or w.dtype != torch.float32 or w.device.type != "cpu":
+                continue
+            if id(w) not in done:
+                w.data = transposed(w.data)  # the same Parameter (ties kept), new storage
+                done.add(id(w))
+            new = TransposedLinear(child.in_features, child.out_features, bias=False, device="meta")
+            new.weight, new.bias = w, child.bias
+            new.train(child.training)
+            setattr(module, name, new)
+    return model
