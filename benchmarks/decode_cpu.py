@@ -3,8 +3,9 @@
 Runs, interleaved in one process and reporting the median of the repeats:
   llama_lite with KV cache (Llama.generate: the CLI's and the notebooks' path; its float32
   weights held transposed, llama_lite.matvec), the same weights in nn.Linear's own (out, in)
-  layout (PyTorch's matrix-vector kernel), the same model with its blocks compiled (llama_lite.fast; the first call compiles, or loads inductor's
-  on-disk cache), transformers' generate on the same GGUF weights, llama_lite int8
+  layout (PyTorch's matrix-vector kernel; both layouts also with 4 rows at once and for a
+  256-token prompt), the same model with its blocks compiled (llama_lite.fast; the first call
+  compiles, or loads inductor's on-disk cache), transformers' generate on the same GGUF weights, llama_lite int8
   (weight-only), llama_lite W8A8 (int8 weights and activations, where the CPU's int8 kernel is
   exact), bfloat16 (by default only where the CPU has bf16 instructions; --bf16 forces it),
   llama.cpp on the GGUF file's own quantized weights when llama-cpp-python is installed
@@ -79,6 +80,19 @@ def decode_bytes(model) -> int:
     return total
 
 
+def prompt_seconds(model, n: int = 256, repeats: int = 3) -> float:
+    """Median seconds of one uncached forward over an n-token prompt (random ids)."""
+    tokens = torch.randint(0, model.params.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    model.clear_cache()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pass warms up
+            t = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def plain_layout(model):
     """A second Transformer with the same weights (copies) in nn.Linear's own layout, W (out, in)
     row-major, and plain nn.Linear modules: what llama_lite.matvec's transposed weights are
@@ -93,14 +107,14 @@ def plain_layout(model):
     return twin.eval().requires_grad_(False)
 
 
-def linears_alone(model, repeats: int = 5) -> tuple[int, float]:
-    """(number of linear layers, seconds) for one pass of a single token's activation through
+def linears_alone(model, repeats: int = 5, rows: int = 1) -> tuple[int, float]:
+    """(number of linear layers, seconds) for one pass of `rows` tokens' activations through
     every nn.Linear of the model in order, nothing else: the float32 products as the model calls
-    them (batch 1), so the fastest a float32 decode step could be with every other op free."""
+    them, so (one row) the fastest a float32 decode step could be with every other op free."""
     from torch import nn
 
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    inputs = {m.in_features: torch.randn(1, 1, m.in_features) for m in linears}
+    inputs = {m.in_features: torch.randn(rows, 1, m.in_features) for m in linears}
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first pass warms up
@@ -255,7 +269,8 @@ def main(argv=None):
     uncached_s = time.perf_counter() - t
 
     tps = {k: n_new / statistics.median(v) for k, v in times.items()}
-    models = {"llama_lite cached": fp32, "llama_lite, W (out, in)": plain, "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
+    models = {"llama_lite cached": fp32, "llama_lite, W (out, in)": plain,
+              "llama_lite compiled": fp32, "llama_lite int8 cached": int8,
               "llama_lite w8a8 cached": w8a8, "llama_lite w8a8, W_2 float16": w8a8_f16,
               "llama_lite w8a8, W_2 rot only": w8a8_w2,
               "llama_lite bf16 cached": bf16, "transformers generate": fp32}  # whose weights each row reads
@@ -279,6 +294,12 @@ def main(argv=None):
         print(f"{name:30s} {1 / linear_s:8.2f} {1 / linear_s / ref if ref else float('nan'):15.2f}"
               f"   (the {n_linear} nn.Linear of one decode step, nothing else: {linear_s * 1e3:.1f} ms per token, "
               f"{weights / linear_s / 1e9:.1f} GB/s)")
+    four = [linears_alone(m, rows=4)[1] for m in (fp32.model, plain.model)]
+    print(f"  4 rows at once (a batch, or 4 beams) through the same layers: W^T {four[0] * 1e3:.1f} ms, "
+          f"W (out, in) {four[1] * 1e3:.1f} ms ({four[0] / four[1]:.2f}x the time)")
+    prompt_s = [prompt_seconds(m) for m in (fp32.model, plain.model)]
+    print(f"  a 256-token prompt, one forward: W^T {prompt_s[0] * 1e3:.0f} ms, W (out, in) {prompt_s[1] * 1e3:.0f} ms "
+          f"({prompt_s[0] / prompt_s[1]:.2f}x the time)")
     un_tps = n_uncached / uncached_s
     print(f"{'llama_lite uncached':30s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"
           f"   ({n_uncached} tokens, once; cached / uncached = {tps['llama_lite cached'] / un_tps:.1f}x)")

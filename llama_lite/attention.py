@@ -89,11 +89,11 @@ def regroup_kv_weight(w: torch.Tensor, n_kv_heads: int, new_n_kv_heads: int) -> 
         if n_kv_heads % new_n_kv_heads:
             raise ValueError(f"{n_kv_heads} kv heads cannot be pooled into {new_n_kv_heads} equal groups")
         group = n_kv_heads // new_n_kv_heads
-        return w.reshape(new_n_kv_heads, group, head_dim, dim).mean(dim=1).reshape(-1, dim)
+        return w.view(new_n_kv_heads, group, head_dim, dim).mean(dim=1).reshape(-1, dim)
     if new_n_kv_heads % n_kv_heads:
         raise ValueError(f"{n_kv_heads} kv heads cannot be repeated into {new_n_kv_heads}")
     n_rep = new_n_kv_heads // n_kv_heads
-    return w.reshape(n_kv_heads, 1, head_dim, dim).expand(n_kv_heads, n_rep, head_dim, dim).reshape(-1, dim)
+    return w.view(n_kv_heads, 1, head_dim, dim).expand(n_kv_heads, n_rep, head_dim, dim).reshape(-1, dim)
 
 
 @torch.no_grad()

@@ -241,7 +241,8 @@ def materialize(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     (CPU) loads the float32 model, then quantize_model_w8a8 turns it into int8 that decodes
     faster (its smoothing needs a float forward first: while loading, memory peaks at about
     float32's size, 4 bytes per parameter, as each Linear's float weight is freed once it is
-    replaced)."""
+    replaced). quantize=None: float32 Linears on a CPU are then held transposed
+    (matvec.transpose_linears, one weight copied at a time), for faster decode steps."""
     check_quantize(quantize, device, dtype)
     if quantize == "w8a8":
         dtype = torch.float32  # what W8A8 computes in, whatever the checkpoint stores

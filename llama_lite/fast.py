@@ -15,8 +15,8 @@ calls into one graph by default.)
 
 What it buys: inductor fuses the dozens of small ops of a block (the norms, RoPE, residual adds,
 SwiGLU's product) into a few loops, the per-token cost that eager pays in Python and dispatch.
-The matmuls stay ATen's (a decode step's float32 products on a CPU the same embedding_bag as
-eager's, llama_lite.matvec): at batch 1 each weight is read once per token, bound by memory
+The matmuls stay ATen's (a decode step's float32 products on a CPU call the same embedding_bag
+as eager's, llama_lite.matvec): at batch 1 each weight is read once per token, bound by memory
 bandwidth either way. Inductor keeps what it compiles in its on-disk caches (FX graph and
 AOTAutograd caches, on by default), so a second process with the same torch skips the compile and
 only re-traces (`python -m llama_lite generate "..." --compile` measures both).

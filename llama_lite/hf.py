@@ -173,7 +173,8 @@ def hf_slice_reader(path: Path, args: ModelArgs) -> Callable:
 def hf_state_dict(model_or_state, args: ModelArgs | None = None) -> dict[str, torch.Tensor]:
     """The inverse of `hf_tensors`: weights under transformers' LlamaForCausalLM names, W_q and
     W_k rows permuted to its rotate-half layout (as its converter does); the other tensors are
-    the given ones, not copies. Takes a float Transformer, or a state dict under this package's
+    the given ones, not copies, but for weights held transposed (matvec.TransposedLinear), which
+    are copied row-major, as a safetensors file stores them. Takes a float Transformer, or a state dict under this package's
     names with its ModelArgs. Tests and benchmarks build their transformers reference, and write
     Hugging Face checkpoints, with it."""
     if isinstance(model_or_state, nn.Module):
@@ -189,6 +190,7 @@ def hf_state_dict(model_or_state, args: ModelArgs | None = None) -> dict[str, to
     for name, t in state.items():
         if name == "output.weight" and args.tie_embeddings:
             continue  # transformers ties lm_head to embed_tokens itself
+        t = t.contiguous()
         if name in top:
             sd[top[name]] = t
             continue

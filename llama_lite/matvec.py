@@ -2,10 +2,12 @@
 
 A batch-1 decode step multiplies one row x (1, in) by every weight matrix: each weight is read
 once per token for one multiply-add, so the step is as fast as the weights stream from memory
-(the bandwidth roofline of benchmarks/decode_cpu.py). nn.Linear computes x W^T with W stored
-(out, in) row-major, and PyTorch's CPU kernel for one row (MKL's matrix-vector product) reads it
-on one core at a fraction of what the memory gives: on a 2-core AMD EPYC, SmolLM2's 211 float32
-projections read 8-10 GB/s that way, while a sum over the same 538 MB read 35 GB/s.
+(the bandwidth roofline of benchmarks/decode_cpu.py). nn.Linear computes x W^T with W its
+weight, stored (out, in) row-major (W as F.linear names it; notebooks 04 and 05 write the same
+product as X W with W (in, out), which is this W^T). PyTorch's CPU kernel for one row reads W at
+a fraction of what the memory gives: on a 2-core AMD EPYC, SmolLM2's 211 float32 projections
+read 8.7 GB/s that way in benchmarks/decode_cpu.py, whose sum reads 32.5 GB/s (in a scratch
+measurement, 9.0 GB/s on one thread and 7.9 on two: the kernel did not use the second core).
 
 The same product read the other way round: x W^T = sum_k x_k W^T[k, :], a weighted sum of the
 rows of W^T (in, out). That is what torch's embedding_bag computes (mode="sum", one weight per
@@ -17,13 +19,18 @@ one-row float32 input on the CPU is computed as MATVEC_BAGS bags of W^T's rows, 
 sum each, then added. Measured on the same machine (benchmarks/decode_cpu.py, both layouts side
 by side): the 211 projections at 14.4 GB/s against 8.7, SmolLM2's decoding at 23.1 tok/s
 against 14.1 (1.63x transformers against 1.00x), the same 256 greedy tokens. The sums are
-float32 throughout, in another order than MKL's: the logits differ from nn.Linear's by rounding
-(up to ~5e-5 on SmolLM2's, whose logits reach ~30), as any two float32 kernels' do.
+float32 throughout, in another order than the (out, in) kernel's: the results differ by rounding
+(4e-5 in a prompt's logits, which reach ~30: a scratch measurement), as any two float32 kernels'
+do; so do one row alone and the same row in a batch, which takes F.linear.
 
 Only where FBGEMM is compiled in (x86 builds of torch): elsewhere embedding_bag's fallback
-kernel has not been measured, and transpose_linears leaves the model as it is.
+kernel has not been measured, and transpose_linears leaves the model as it is. The layout has
+been measured on one CPU (the AMD EPYC above); LLAMA_LITE_MATVEC=0 in the environment keeps
+every model in nn.Linear's own layout, to compare or to opt out.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,32 +38,41 @@ from torch import nn
 
 try:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-except ImportError:  # a private helper: should a torch move it, a FLOP counter sees embedding_bag, uncounted
-    def is_in_torch_dispatch_mode() -> bool:
-        return False
+except ImportError:  # a private helper; without it FLOP counters would see uncounted embedding_bags: no matvec
+    is_in_torch_dispatch_mode = None
 
 # Rows of W^T are split into this many bags, each summed on its own (the bags are spread over
 # the threads) and the partial sums added. Fixed, not the thread count, so that the result is
-# the same on every machine; 4 to 16 read equally fast on 2 cores (measured).
+# the same on every machine; 4 to 16 read equally fast on 2 cores (measured). It also caps the
+# cores one product uses at 8, about what saturates a memory bus.
 MATVEC_BAGS = 8
 
 _INDICES: dict = {}  # (in_features, device) -> (row ids, bag starts), int32
 
 
 def matvec_available() -> bool:
-    """Whether this torch's embedding_bag runs FBGEMM's kernel (x86 builds)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    """Whether this torch's embedding_bag runs FBGEMM's kernel (x86 builds), and the environment
+    does not opt out (LLAMA_LITE_MATVEC=0)."""
+    return ("fbgemm" in torch.backends.quantized.supported_engines and is_in_torch_dispatch_mode is not None
+            and os.environ.get("LLAMA_LITE_MATVEC", "1") != "0")
+
+
+def _indices(k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ids 0..k-1 and each bag's first row, int32; made once per size, outside inference
+    mode (generate runs in it), so that a later call that needs gradients can save them."""
+    key = (k, torch.device(device))
+    if key not in _INDICES:
+        bags = min(MATVEC_BAGS, k)
+        with torch.inference_mode(False):
+            starts = torch.arange(bags) * (k // bags)  # the last bag takes the rest
+            _INDICES[key] = (torch.arange(k, dtype=torch.int32, device=device), starts.to(torch.int32).to(device))
+    return _INDICES[key]
 
 
 def matvec(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """x (in,) or any shape holding in values, wt (in, out) contiguous -> x @ wt, (out,)."""
     k = wt.shape[0]
-    key = (k, wt.device)
-    if key not in _INDICES:
-        bags = min(MATVEC_BAGS, k)
-        _INDICES[key] = (torch.arange(k, dtype=torch.int32, device=wt.device),
-                         (torch.arange(bags) * (k // bags)).to(torch.int32).to(wt.device))  # the last bag takes the rest
-    rows, starts = _INDICES[key]
+    rows, starts = _indices(k, wt.device)
     partial = F.embedding_bag(rows, wt, starts, mode="sum", per_sample_weights=x.reshape(k))  # (bags, out)
     return partial.sum(0)
 
@@ -67,7 +83,8 @@ class TransposedLinear(nn.Linear):
     (compiled too: inductor calls the same kernel); anything else through F.linear, which takes
     either layout: prompts, batches and beams (at 64 rows and more as fast as the (out, in)
     layout; at 4 to 16 rows MKL was 16-23% slower on it, measured on the AMD EPYC), other dtypes
-    and devices, and anything run under a dispatch mode such as FlopCounterMode (which counts a
+    and devices, CPU autocast (whose F.linear computes in bfloat16), and anything run under a
+    dispatch mode such as FlopCounterMode (which counts a
     matmul's FLOPs and knows nothing of embedding_bag's: the arithmetic is the same, so the
     count stays right)."""
 
@@ -76,7 +93,7 @@ class TransposedLinear(nn.Linear):
         if (x.numel() == self.in_features and x.shape[-1] == self.in_features and x.dtype == torch.float32
                 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
                 # (dynamo traces with fake tensors, under a dispatch mode of its own: compiled, matvec stays)
-                and w.stride() == (1, self.out_features)
+                and w.stride() == (1, self.out_features) and not torch.is_autocast_enabled("cpu")
                 and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())):
             out = matvec(x, w.t())
             if self.bias is not None:
@@ -85,8 +102,9 @@ class TransposedLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def transposed(t: torch.Tensor) -> torch.Tensor:
-    """The same values, (out, in) as before, with the storage laid out as t^T row-major."""
+def with_transposed_storage(t: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) tensor, its memory laid out as t^T row-major (a view of that; no copy if
+    it already is)."""
     return t.t().contiguous().t()
 
 
@@ -95,7 +113,8 @@ def transpose_linears(model: nn.Module) -> nn.Module:
     """Every nn.Linear of the model with float32 weights on the CPU becomes a TransposedLinear
     holding the same Parameter (a tied embedding too: its table is then held transposed, and a
     lookup reads one strided column per token), its storage re-laid as W^T, in place. Returns the
-    model; where FBGEMM is missing (see matvec_available), leaves it alone."""
+    model; where FBGEMM is missing or LLAMA_LITE_MATVEC=0 (see matvec_available), leaves it alone.
+    The new module has no hooks: those registered on the old one stay with it."""
     if not matvec_available():
         return model
     done = set()
@@ -105,8 +124,9 @@ def transpose_linears(model: nn.Module) -> nn.Module:
             if type(child) is not nn.Linear or w.dtype != torch.float32 or w.device.type != "cpu":
                 continue
             if id(w) not in done:
-                w.data = transposed(w.data)  # the same Parameter (ties kept), new storage
+                w.data = with_transposed_storage(w.data)  # the same Parameter (ties kept), new storage
                 done.add(id(w))
+            _indices(child.in_features, w.device)
             new = TransposedLinear(child.in_features, child.out_features, bias=False, device="meta")
             new.weight, new.bias = w, child.bias
             new.train(child.training)

@@ -50,11 +50,11 @@ def permute_rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.T
     out_dim, in_dim = w.shape
     head_dim = out_dim // n_heads
     # HF row order within a head: [x_0 .. x_{h/2-1}, y_0 .. y_{h/2-1}]; Meta's: [x_0, y_0, x_1, y_1, ...]
-    return w.reshape(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def permute_interleaved_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Meta's interleaved W_q/W_k rows -> Hugging Face's rotate-half order (what HF's converter does)."""
     out_dim, in_dim = w.shape
     head_dim = out_dim // n_heads
-    return w.reshape(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)

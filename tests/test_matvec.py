@@ -1,5 +1,7 @@
 """llama_lite.matvec: a decode step's products read as weighted sums of W^T's rows."""
 import copy
+import os
+import platform
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from torch import nn
 from llama_lite import ModelArgs, Transformer
 from llama_lite.matvec import TransposedLinear, matvec, matvec_available, transpose_linears
 
-needs_fbgemm = pytest.mark.skipif(not matvec_available(), reason="embedding_bag runs FBGEMM's kernel on x86 builds only")
+needs_fbgemm = pytest.mark.skipif(not matvec_available(),
+                                  reason="embedding_bag runs FBGEMM's kernel on x86 builds only")
 
 
 def _float32_bound(x, w):
@@ -122,22 +125,40 @@ def test_a_transposed_model_decodes_what_the_plain_one_does(tie):
     for name, t in plain.state_dict().items():
         assert torch.equal(model.state_dict()[name], t), name
     tokens = torch.tensor([[3, 17, 42, 5, 60]])
-    with torch.inference_mode():
+    calls = []
+    real = F.embedding_bag
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "embedding_bag", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         torch.testing.assert_close(model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)  # a prompt
+        assert not calls  # its rows go through F.linear
         for m in (plain, model):
             m.setup_cache(1, 16)
         a, b = plain(tokens), model(tokens)
         for pos in range(5, 12):  # decode steps, greedy, each model feeding itself
             na, nb = a[:, -1].argmax(-1, keepdim=True), b[:, -1].argmax(-1, keepdim=True)
             assert torch.equal(na, nb)
+            calls.clear()
             a, b = plain(na, pos), model(nb, pos)
+            assert len(calls) == len(linears)  # every product of the step took matvec
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_models_elsewhere_are_left_alone(monkeypatch):
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get("LLAMA_LITE_MATVEC") == "0",
+                    reason="x86 builds of torch only, and not opted out")
+def test_x86_torch_has_the_fast_path():
+    """On x86 a torch without FBGEMM's embedding_bag (or one that stopped listing it) would lose
+    the decode speed silently, every test above skipped: here it fails instead."""
+    assert matvec_available()
+
+
+@pytest.mark.parametrize("how", ["no FBGEMM", "LLAMA_LITE_MATVEC=0"])
+def test_models_elsewhere_are_left_alone(monkeypatch, how):
     import llama_lite.matvec
 
-    monkeypatch.setattr(llama_lite.matvec, "matvec_available", lambda: False)  # a torch without FBGEMM (ARM)
+    if how == "no FBGEMM":  # a torch for ARM
+        monkeypatch.setattr(llama_lite.matvec, "matvec_available", lambda: False)
+    else:
+        monkeypatch.setenv("LLAMA_LITE_MATVEC", "0")
     model = transpose_linears(_tiny(True))
     assert not any(isinstance(m, TransposedLinear) for m in model.modules())
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, nn.Linear))
@@ -205,3 +226,43 @@ def test_compiled_one_row_runs_the_same_kernel():
         as_matmul = F.linear(x, layer.weight.contiguous())
     assert torch.equal(compiled, eager)
     assert not torch.equal(as_matmul, eager)  # which the check above could tell apart
+
+
+@needs_fbgemm
+def test_a_row_with_gradients_after_inference_mode():
+    """generate runs under inference_mode; the index tensors made there must still serve a later
+    call that saves them for backward."""
+    import llama_lite.matvec
+
+    plain, layer = _linear(k=37)
+    llama_lite.matvec._INDICES.pop((37, torch.device("cpu")))
+    with torch.inference_mode():
+        layer(torch.randn(1, 1, 37))  # makes the indices again, inside inference mode
+    x = torch.randn(1, 1, 37, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad.view(-1), plain.weight.sum(0), rtol=1e-5, atol=1e-6)
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (40, 37)
+
+
+@needs_fbgemm
+def test_autocast_gives_what_nn_linear_gives():
+    plain, layer = _linear()
+    x = torch.randn(1, 1, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), plain(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+@needs_fbgemm
+def test_a_transposed_model_exports_to_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llama_lite.hf import hf_state_dict
+
+    plain = _tiny(True)
+    model = transpose_linears(copy.deepcopy(plain))
+    save_file(hf_state_dict(model), str(tmp_path / "model.safetensors"))  # refuses non-contiguous tensors
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert saved.keys() == hf_state_dict(plain).keys()
+    assert all(torch.equal(saved[k], v) for k, v in hf_state_dict(plain).items())
