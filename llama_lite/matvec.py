@@ -6,7 +6,7 @@ once per token for one multiply-add, so the step is as fast as the weights strea
 weight, stored (out, in) row-major (W as F.linear names it; notebooks 04 and 05 write the same
 product as X W with W (in, out), which is this W^T). PyTorch's CPU kernel for one row reads W at
 a fraction of what the memory gives: on a 2-core AMD EPYC, SmolLM2's 211 float32 projections
-read 8.7 GB/s that way in benchmarks/decode_cpu.py, whose sum reads 32.5 GB/s (in a scratch
+read 9.0 GB/s that way in benchmarks/decode_cpu.py, whose sum reads 33.9 GB/s (in a scratch
 measurement, 9.0 GB/s on one thread and 7.9 on two: the kernel did not use the second core).
 
 The same product read the other way round: x W^T = sum_k x_k W^T[k, :], a weighted sum of the
@@ -17,8 +17,9 @@ storage as W^T, row-major: `weight` is still the (out, in) Parameter every reade
 transposed view; state_dict, F.linear for prompts and batches, and copy_ all work on it), and a
 one-row float32 input on the CPU is computed as MATVEC_BAGS bags of W^T's rows, one partial
 sum each, then added. Measured on the same machine (benchmarks/decode_cpu.py, both layouts side
-by side): the 211 projections at 14.4 GB/s against 8.7, SmolLM2's decoding at 23.1 tok/s
-against 14.1 (1.63x transformers against 1.00x), the same 256 greedy tokens. The sums are
+by side): the 211 projections at 17.1 GB/s against 9.0, SmolLM2's decoding at 23.0 tok/s
+against 15.3 (1.56x transformers against 1.04x; 1.63x against 1.00x in another run), the same
+256 greedy tokens. The sums are
 float32 throughout, in another order than the (out, in) kernel's: the results differ by rounding
 (4e-5 in a prompt's logits, which reach ~30: a scratch measurement), as any two float32 kernels'
 do; so do one row alone and the same row in a batch, which takes F.linear.
