@@ -297,8 +297,9 @@ def main(argv=None):
     four = [linears_alone(m, rows=4)[1] for m in (fp32.model, plain.model)]
     print(f"  4 rows at once (a batch, or 4 beams) through the same layers: W^T {four[0] * 1e3:.1f} ms, "
           f"W (out, in) {four[1] * 1e3:.1f} ms ({four[0] / four[1]:.2f}x the time)")
-    prompt_s = [prompt_seconds(m) for m in (fp32.model, plain.model)]
-    print(f"  a 256-token prompt, one forward: W^T {prompt_s[0] * 1e3:.0f} ms, W (out, in) {prompt_s[1] * 1e3:.0f} ms "
+    n_prompt = 16 if args.quick else 256
+    prompt_s = [prompt_seconds(m, n_prompt) for m in (fp32.model, plain.model)]
+    print(f"  a {n_prompt}-token prompt, one forward: W^T {prompt_s[0] * 1e3:.0f} ms, W (out, in) {prompt_s[1] * 1e3:.0f} ms "
           f"({prompt_s[0] / prompt_s[1]:.2f}x the time)")
     un_tps = n_uncached / uncached_s
     print(f"{'llama_lite uncached':30s} {un_tps:8.2f} {un_tps / ref if ref else float('nan'):15.2f}"

@@ -7,7 +7,7 @@ weight, stored (out, in) row-major (W as F.linear names it; notebooks 04 and 05 
 product as X W with W (in, out), which is this W^T). PyTorch's CPU kernel for one row reads W at
 a fraction of what the memory gives: on a 2-core AMD EPYC, SmolLM2's 211 float32 projections
 read 9.0 GB/s that way in benchmarks/decode_cpu.py, whose sum reads 33.9 GB/s (in a scratch
-measurement, 9.0 GB/s on one thread and 7.9 on two: the kernel did not use the second core).
+measurement, 9.0 GB/s on one thread and 7.9 on two: no faster with the second core).
 
 The same product read the other way round: x W^T = sum_k x_k W^T[k, :], a weighted sum of the
 rows of W^T (in, out). That is what torch's embedding_bag computes (mode="sum", one weight per
@@ -39,8 +39,12 @@ from torch import nn
 
 try:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    _MODE_HELPER = True
 except ImportError:  # a private helper; without it FLOP counters would see uncounted embedding_bags: no matvec
-    is_in_torch_dispatch_mode = None
+    _MODE_HELPER = False
+
+    def is_in_torch_dispatch_mode() -> bool:
+        return True  # so a TransposedLinear made anyway computes through F.linear
 
 # Rows of W^T are split into this many bags, each summed on its own (the bags are spread over
 # the threads) and the partial sums added. Fixed, not the thread count, so that the result is
@@ -54,7 +58,9 @@ _INDICES: dict = {}  # (in_features, device) -> (row ids, bag starts), int32
 def matvec_available() -> bool:
     """Whether this torch's embedding_bag runs FBGEMM's kernel (x86 builds), and the environment
     does not opt out (LLAMA_LITE_MATVEC=0)."""
-    return ("fbgemm" in torch.backends.quantized.supported_engines and is_in_torch_dispatch_mode is not None
+    # The quantized engines list "fbgemm" where torch was built with FBGEMM and the CPU runs it
+    # (AVX2): the same build flag that gives embedding_bag FBGEMM's kernel.
+    return ("fbgemm" in torch.backends.quantized.supported_engines and _MODE_HELPER
             and os.environ.get("LLAMA_LITE_MATVEC", "1") != "0")
 
 

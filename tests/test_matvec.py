@@ -143,8 +143,9 @@ def test_a_transposed_model_decodes_what_the_plain_one_does(tie):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get("LLAMA_LITE_MATVEC") == "0",
-                    reason="x86 builds of torch only, and not opted out")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get("LLAMA_LITE_MATVEC") == "0"
+                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="x86 builds of torch on a CPU with AVX2 (FBGEMM's minimum) only, and not opted out")
 def test_x86_torch_has_the_fast_path():
     """On x86 a torch without FBGEMM's embedding_bag (or one that stopped listing it) would lose
     the decode speed silently, every test above skipped: here it fails instead."""
@@ -266,3 +267,18 @@ def test_a_transposed_model_exports_to_safetensors(tmp_path):
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert saved.keys() == hf_state_dict(plain).keys()
     assert all(torch.equal(saved[k], v) for k, v in hf_state_dict(plain).items())
+
+
+def test_without_the_dispatch_mode_helper_a_transposed_layer_still_computes(monkeypatch):
+    """A torch that moved the private helper: no model is transposed, and a TransposedLinear made
+    anyway computes through F.linear instead of failing."""
+    import llama_lite.matvec
+
+    monkeypatch.setattr(llama_lite.matvec, "_MODE_HELPER", False)
+    monkeypatch.setattr(llama_lite.matvec, "is_in_torch_dispatch_mode", lambda: True)
+    assert not matvec_available()
+    layer = TransposedLinear(24, 40, bias=False)
+    with torch.no_grad():
+        layer.weight.data = layer.weight.data.t().contiguous().t()
+        x = torch.randn(1, 1, 24)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
