@@ -174,9 +174,9 @@ def hf_state_dict(model_or_state, args: ModelArgs | None = None) -> dict[str, to
     """The inverse of `hf_tensors`: weights under transformers' LlamaForCausalLM names, W_q and
     W_k rows permuted to its rotate-half layout (as its converter does); the other tensors are
     the given ones, not copies, but for weights held transposed (matvec.TransposedLinear), which
-    are copied row-major, as a safetensors file stores them. Takes a float Transformer, or a state dict under this package's
-    names with its ModelArgs. Tests and benchmarks build their transformers reference, and write
-    Hugging Face checkpoints, with it."""
+    are copied row-major, as a safetensors file stores them. Takes a float Transformer, or a
+    state dict under this package's names with its ModelArgs. Tests and benchmarks build their
+    transformers reference, and write Hugging Face checkpoints, with it."""
     if isinstance(model_or_state, nn.Module):
         if is_quantized(model_or_state):
             raise ValueError("hf_state_dict needs a float model; this one has int8 weights (quantize=None when loading)")

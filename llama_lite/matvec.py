@@ -19,10 +19,10 @@ one-row float32 input on the CPU is computed as MATVEC_BAGS bags of W^T's rows, 
 sum each, then added. Measured on the same machine (benchmarks/decode_cpu.py, both layouts side
 by side): the 211 projections at 17.1 GB/s against 9.0, SmolLM2's decoding at 23.0 tok/s
 against 15.3 (1.56x transformers against 1.04x; 1.63x against 1.00x in another run), the same
-256 greedy tokens. The sums are
-float32 throughout, in another order than the (out, in) kernel's: the results differ by rounding
-(4e-5 in a prompt's logits, which reach ~30: a scratch measurement), as any two float32 kernels'
-do; so do one row alone and the same row in a batch, which takes F.linear.
+256 greedy tokens. The sums are float32 throughout, in another order than the (out, in)
+kernel's: the results differ by rounding (4e-5 in a prompt's logits, which reach ~30: a scratch
+measurement), as any two float32 kernels' do; so do one row alone and the same row in a batch,
+which takes F.linear.
 
 Only where FBGEMM is compiled in (x86 builds of torch): elsewhere embedding_bag's fallback
 kernel has not been measured, and transpose_linears leaves the model as it is. The layout has
@@ -91,16 +91,15 @@ class TransposedLinear(nn.Linear):
     either layout: prompts, batches and beams (at 64 rows and more as fast as the (out, in)
     layout; at 4 to 16 rows MKL was 16-23% slower on it, measured on the AMD EPYC), other dtypes
     and devices, CPU autocast (whose F.linear computes in bfloat16), and anything run under a
-    dispatch mode such as FlopCounterMode (which counts a
-    matmul's FLOPs and knows nothing of embedding_bag's: the arithmetic is the same, so the
-    count stays right)."""
+    dispatch mode such as FlopCounterMode (which counts a matmul's FLOPs and knows nothing of
+    embedding_bag's: the arithmetic is the same, so the count stays right)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.numel() == self.in_features and x.shape[-1] == self.in_features and x.dtype == torch.float32
                 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-                # (dynamo traces with fake tensors, under a dispatch mode of its own: compiled, matvec stays)
                 and w.stride() == (1, self.out_features) and not torch.is_autocast_enabled("cpu")
+                # dynamo traces with fake tensors, under a dispatch mode of its own: compiled, matvec stays
                 and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())):
             out = matvec(x, w.t())
             if self.bias is not None:

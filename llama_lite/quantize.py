@@ -188,11 +188,11 @@ def _replace_linears(model: nn.Module, make) -> nn.Module:
 #   largest power of two dividing SmolLM2's 576): smoothing shrinks their outlier channels, the
 #   rotation spreads what is left, and the one shared call (below) rotates once for its members.
 #   Measured on SmolLM2, the whole W8A8 model: KL 0.037 with only W_2 rotated, 0.025 with these
-#   too, for one more small matmul per call (11%, 8% and 8% of W8A8's decode speed in three runs of
-#   the benchmark, 8% in an A/B of decode steps). With W_O's input rotated as well the KL was 0.025 against
-#   0.023 without (on the same text with a BOS token; a float simulation of the rounding gave
-#   0.022 against 0.023): no gain to pay a third rotation for, so W_O and the output projection
-#   are left alone.
+#   too, for one more small matmul per call (11%, 8% and 8% of W8A8's decode speed in three runs
+#   of the benchmark, 8% in an A/B of decode steps). With W_O's input rotated as well the KL was
+#   0.025 against 0.023 without (on the same text with a BOS token; a float simulation of the
+#   rounding gave 0.022 against 0.023): no gain to pay a third rotation for, so W_O and the
+#   output projection are left alone.
 # * Per-token activation scales (W8A8Linear): a token with large activations coarsens only
 #   its own row.
 #
