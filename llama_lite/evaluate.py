@@ -1,5 +1,6 @@
-"""Measuring a model on real text: the shipped sample, perplexity, and how far a quantized
-model's next-token distributions are from float32's (compare)."""
+"""Measuring a model on real text: the shipped sample, perplexity, how far a quantized
+model's next-token distributions are from float32's (compare), and by how much a greedy
+generation's tokens won (greedy_lead)."""
 from collections.abc import Sequence
 from importlib import resources
 
@@ -46,6 +47,24 @@ def perplexity(model, tokens: Sequence[int], stepwise: bool = False) -> float:
     logits = _next_token_logits(model, tokens, stepwise)
     targets = torch.tensor(list(tokens)[1:], device=logits.device)
     return float(torch.exp(F.cross_entropy(logits, targets)))
+
+
+@torch.inference_mode()
+def greedy_lead(model, prompt: Sequence[int], generated: Sequence[int]) -> float:
+    """The smallest lead, in logits, of each generated token over the best other token, from one
+    forward over prompt + generated. Greedy decoding picks the largest logit, so for its tokens
+    this is >= 0; another CPU or torch rounds the logits differently, by ~1e-4 in float32, and
+    where a lead is that small the text can change from there on. A notebook prints a generation
+    as a stable output only if its lead is far above that; a negative lead means some token was
+    not the model's first choice (a sampled text, or logits that changed)."""
+    if len(prompt) < 1 or len(generated) < 1:
+        raise ValueError("greedy_lead needs a prompt and at least one generated token")
+    tokens = list(prompt) + list(generated)
+    logits = _next_token_logits(model, tokens, stepwise=False)[len(prompt) - 1:].float()  # (len(generated), vocab)
+    chosen = torch.tensor(list(generated), device=logits.device)[:, None]
+    won = logits.gather(1, chosen)[:, 0]
+    logits.scatter_(1, chosen, float("-inf"))  # the best token other than the chosen one
+    return float((won - logits.max(-1).values).min())
 
 
 @torch.inference_mode()

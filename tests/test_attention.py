@@ -50,7 +50,7 @@ def hf_forward(ref, args, x, start_pos=0):
 
     bsz, seqlen, _ = x.shape
     positions = torch.arange(start_pos, start_pos + seqlen)[None].expand(bsz, -1)
-    cos, sin = LlamaRotaryEmbedding(llama_config(args))(x, positions)
+    cos, sin = LlamaRotaryEmbedding(config=llama_config(args))(x, positions)
     mask = causal_mask(seqlen)[None, None].expand(bsz, 1, seqlen, seqlen)
     return ref(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
 

@@ -77,3 +77,25 @@ def test_perplexity_token_by_token_equals_one_forward():
     tokens = torch.randint(0, 97, (20,)).tolist()
     assert perplexity(model, tokens, stepwise=True) == pytest.approx(perplexity(model, tokens), rel=1e-5)
     assert not model.caches
+
+
+def test_greedy_lead_is_the_chosen_tokens_smallest_margin():
+    """evaluate.greedy_lead: for greedy tokens, the smallest (chosen - best other) logit over the
+    steps, as the cached decode computed them; negative where a token was not the first choice."""
+    from llama_lite.evaluate import greedy_lead
+
+    torch.manual_seed(0)
+    model = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+                                   max_seq_len=32))
+    prompt, tokens, margins = [5, 17, 42], [5, 17, 42], []
+    with torch.inference_mode():
+        for _ in range(6):
+            top2 = model(torch.tensor([tokens]))[0, -1].topk(2)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            tokens.append(int(top2.indices[0]))
+    generated = tokens[len(prompt):]
+    assert greedy_lead(model, prompt, generated) == pytest.approx(min(margins), abs=1e-5)
+    runner_up = generated[:2] + [(generated[2] + 1) % 97]  # not the argmax at step 3
+    assert greedy_lead(model, prompt, runner_up) < 0
+    with pytest.raises(ValueError, match="at least one generated token"):
+        greedy_lead(model, prompt, [])

@@ -34,7 +34,7 @@ def hf_rope(q, k, head_dim, theta, positions):
     n_heads = q.shape[2]
     config = LlamaConfig(hidden_size=n_heads * head_dim, num_attention_heads=n_heads, rope_theta=theta,
                          max_position_embeddings=4096)
-    rotary = LlamaRotaryEmbedding(config)
+    rotary = LlamaRotaryEmbedding(config=config)
     position_ids = torch.as_tensor(positions)[None].expand(q.shape[0], -1)
     cos, sin = rotary(q, position_ids)  # (bsz, seq, hd)
     return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
@@ -47,7 +47,7 @@ def test_freqs_cis_matches_hf_cos_sin(head_dim, theta):
     fc = precompute_freqs_cis(head_dim, end, theta)
     assert fc.shape == (end, head_dim // 2) and fc.dtype == torch.complex64
     config = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, rope_theta=theta, max_position_embeddings=end)
-    rotary = LlamaRotaryEmbedding(config)
+    rotary = LlamaRotaryEmbedding(config=config)
     x = torch.zeros(1, end, head_dim)
     cos, sin = rotary(x, torch.arange(end)[None])
     half = head_dim // 2
