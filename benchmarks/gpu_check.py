@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     if "notebook" not in skip:
         with step("notebook 07 end to end (Meta folder)"):
             run_notebook(HERE.parent / "notebooks" / "07_llama2_7b_gpu.ipynb", a.out,
-                         {"LLAMA2_CHECKPOINT": str(ckpts["meta"]), "LLAMA_LITE_FORCE_REAL": "1"})
+                         {"LLAMA2_CHECKPOINT": str(ckpts["meta"]), "LLAMA_LITE_FORCE_REAL": "1",
+                          "LLAMA_LITE_DEVICE": str(device)})  # the device asked for, whatever the caller exported
     if "int8" not in skip:
         with step("int8 vs the plain dtype, decode"):
             int8_vs_16bit(ckpts["meta"], device, a)
